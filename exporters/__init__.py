@@ -1,0 +1,1 @@
+"""Exporters: torch to ONNX, ONNX Runtime optimization, TensorRT engines."""

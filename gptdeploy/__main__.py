@@ -1,0 +1,3 @@
+from gptdeploy.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""The `gptdeploy` command line.
+
+Every command raises GptDeployError for bad input; `main` turns it into one line on stderr and exit
+code 2, so a user never sees a traceback for a mistake of theirs (GPTDEPLOY_DEBUG=1 shows it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from gptdeploy.errors import GptDeployError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Take a GPT from PyTorch to ONNX, ONNX Runtime and TensorRT, and prove every runtime computes the same model.",
+)
+
+SourceArg = Annotated[str, typer.Argument(help="Preset name (gpt2, tiny, ...), Hugging Face folder or nanoGPT ckpt.pt.")]
+RandomOpt = Annotated[bool, typer.Option("--random", help="Use the preset's architecture with random weights.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the random weights.")]
+
+
+@app.callback()
+def _root():
+    """Keeps typer in multi-command mode."""
+
+
+@app.command()
+def info(source: SourceArg, random: RandomOpt = False, seed: SeedOpt = 0):
+    """Print the architecture, parameter count, tokenizer and where the weights came from."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gptdeploy.loading import load
+
+    loaded = load(source, weights="random" if random else None, seed=seed)
+    cfg = loaded.config
+    table = Table(title=f"{source}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in cfg.to_dict().items():
+        table.add_row(key, str(value))
+    table.add_row("parameters", f"{loaded.model.num_params():,}")
+    table.add_row("tokenizer", f"{loaded.tokenizer.name} ({loaded.tokenizer.vocab_size} tokens)")
+    table.add_row("weights", loaded.origin)
+    Console().print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except GptDeployError as e:
+        if os.environ.get("GPTDEPLOY_DEBUG"):
+            raise
+        print(f"gptdeploy: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("gptdeploy: interrupted", file=sys.stderr)
+        sys.exit(130)

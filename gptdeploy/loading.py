@@ -1,0 +1,294 @@
+"""`gptdeploy.load`: a reference GPT from a preset, the Hub, a Hugging Face folder or a nanoGPT checkpoint.
+
+Checkpoints are read with safetensors or `torch.load(weights_only=True)`: loading never runs code
+from a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gptdeploy.errors import GptDeployError
+from gptdeploy.model import GPT, GPTConfig
+from gptdeploy.presets import PRESETS
+from gptdeploy.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Hugging Face's GPT-2 stores these projections as Conv1D, [in, out]: transposed relative to nn.Linear.
+HF_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    config: GPTConfig
+    tokenizer: Tokenizer
+    source: str  # what the caller asked for
+    origin: str  # where the weights came from, in words
+    files: list[Path] = field(default_factory=list)  # the files the weights were read from
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the weight files (or over the random-init recipe): identifies these weights."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for path in self.files:
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        h.update(chunk)
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+
+def load(
+    source: str | Path,
+    *,
+    weights: str | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Loads a reference GPT in eval mode.
+
+    source: a preset name (`gpt2`, `gpt2-medium`, ..., `tiny`), a Hugging Face GPT-2 folder
+        (config.json + model.safetensors or pytorch_model.bin), or a nanoGPT checkpoint
+        (`ckpt.pt`, or a folder holding one).
+    weights: None for the source's own weights; "random" for the preset's architecture with
+        GPT-2's initialisation from `seed`.
+    """
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise GptDeployError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if weights not in (None, "random"):
+        raise GptDeployError(f"weights must be None or 'random', not {weights!r}")
+
+    source_str = str(source)
+    path = Path(source).expanduser()
+    if weights == "random":
+        loaded = _load_random(source_str, seed)
+    elif path.exists():
+        loaded = _load_path(path, source_str)
+    elif source_str in PRESETS:
+        loaded = _load_hub(source_str)
+    else:
+        raise GptDeployError(_unknown_source_message(source_str))
+    loaded.model.to(device=device, dtype=dtype).eval()
+    return loaded
+
+
+def _unknown_source_message(source: str) -> str:
+    return (
+        f"unknown model {source!r}: not a file or folder, and not a preset "
+        f"(known presets: {', '.join(PRESETS)})"
+    )
+
+
+def _load_random(source: str, seed: int) -> LoadedModel:
+    if source not in PRESETS:
+        raise GptDeployError(f"random weights need a preset name; {_unknown_source_message(source)}")
+    config = PRESETS[source].config
+    model = GPT(config)
+    model.init_weights(seed)
+    recipe = f"random:{source}:{seed}:{json.dumps(config.to_dict(), sort_keys=True)}"
+    return LoadedModel(
+        model, config, BPETokenizer(), source, f"random weights (GPT-2 init, seed {seed})",
+        _fingerprint=hashlib.sha256(recipe.encode()).hexdigest(),
+    )
+
+
+def _load_path(path: Path, source: str) -> LoadedModel:
+    if path.is_dir():
+        if (path / "config.json").exists() and any((path / f).exists() for f in HF_WEIGHT_FILES):
+            return _load_hf_folder(path, source, origin=f"Hugging Face folder {path}")
+        if (path / "ckpt.pt").exists():
+            return _load_nanogpt(path / "ckpt.pt", source)
+        raise GptDeployError(
+            f"{path} holds no model: expected config.json with model.safetensors or pytorch_model.bin "
+            "(Hugging Face), or ckpt.pt (nanoGPT)"
+        )
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        return _load_nanogpt(path, source)
+    raise GptDeployError(f"unknown checkpoint format: {path} (expected a nanoGPT .pt file or a model folder)")
+
+
+def _load_hub(name: str) -> LoadedModel:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo = PRESETS[name].hub_repo
+    if repo is None:
+        raise GptDeployError(f"preset {name!r} has no pretrained weights; load it with weights='random' (--random)")
+    try:
+        config_path, weights_path = _hub_files(repo, ["config.json", "model.safetensors"])
+    except LocalEntryNotFoundError:
+        raise GptDeployError(
+            f"cannot download {name} from the Hugging Face Hub ({repo}) and it is not in the local cache; "
+            f"connect once to cache it, pass a local folder or checkpoint, or use random weights (--random)"
+        ) from None
+    except Exception as e:  # network errors, gated repos, bad tokens: one line, not a traceback
+        raise GptDeployError(f"cannot download {name} from the Hugging Face Hub ({repo}): {e}") from None
+    return _load_hf_folder(Path(weights_path).parent, name, origin=f"Hugging Face Hub {repo}",
+                           config_path=Path(config_path), weights_path=Path(weights_path))
+
+
+def _hub_files(repo: str, filenames: list[str]) -> list[str]:
+    """Paths of `filenames` in the local Hugging Face cache, downloading them when not cached."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import logging as hub_logging
+
+    try:
+        return [hf_hub_download(repo, f, local_files_only=True) for f in filenames]
+    except LocalEntryNotFoundError:
+        pass
+    hub_logging.set_verbosity_error()  # its retry warnings would bury our one-line error
+    return [hf_hub_download(repo, f) for f in filenames]
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    """Our config from a Hugging Face GPT-2 config.json."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise GptDeployError(f"model_type {hf.get('model_type')!r} is not GPT-2")
+    n_embd = hf["n_embd"]
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        raise GptDeployError(f"n_inner {hf['n_inner']} is not 4 * n_embd; the GPT architecture needs it")
+    for unsupported in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if hf.get(unsupported):
+            raise GptDeployError(f"config option {unsupported} is not supported")
+    if hf.get("scale_attn_weights") is False:
+        raise GptDeployError("config option scale_attn_weights=false is not supported")
+    act = hf.get("activation_function", "gelu_new")
+    gelus = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "exact"}
+    if act not in gelus:
+        raise GptDeployError(f"activation_function {act!r} is not supported (choose one of {', '.join(gelus)})")
+    return GPTConfig(
+        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, block_size=hf["n_positions"],
+        vocab_size=hf["vocab_size"], bias=True, dropout=0.0, gelu=gelus[act],
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def _load_hf_folder(folder: Path, source: str, origin: str, config_path: Path | None = None,
+                    weights_path: Path | None = None) -> LoadedModel:
+    config_path = config_path or folder / "config.json"
+    if weights_path is None:
+        weights_path = next(folder / f for f in HF_WEIGHT_FILES if (folder / f).exists())
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise GptDeployError(f"cannot read {config_path}: {e}") from None
+    config = config_from_hf(hf_config)
+    state = _read_tensors(weights_path)
+    converted = {}
+    for key, tensor in state.items():
+        name = key.removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
+            continue
+        if name == "lm_head.weight":
+            converted[name] = tensor
+            continue
+        if name.endswith(HF_CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        converted["transformer." + name] = tensor
+    converted.setdefault("lm_head.weight", converted.get("transformer.wte.weight"))
+    model = _build(config, converted, weights_path)
+    return LoadedModel(model, config, BPETokenizer(), source, origin, [config_path, weights_path])
+
+
+def _load_nanogpt(path: Path, source: str) -> LoadedModel:
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
+        raise GptDeployError(f"{path} is not a nanoGPT checkpoint (no model_args/model keys)")
+    args = ckpt["model_args"]
+    try:
+        config = GPTConfig(
+            n_layer=args["n_layer"], n_head=args["n_head"], n_embd=args["n_embd"], block_size=args["block_size"],
+            vocab_size=args["vocab_size"], bias=args.get("bias", True), dropout=0.0, gelu="exact",
+        )
+    except KeyError as e:
+        raise GptDeployError(f"{path}: model_args lacks {e}") from None
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # torch.compile's prefix
+    model = _build(config, state, path)
+
+    dataset = (ckpt.get("config") or {}).get("dataset")
+    tokenizer: Tokenizer = BPETokenizer()
+    files = [path]
+    meta = _find_meta(path, dataset)
+    if meta is not None:
+        tokenizer = CharTokenizer.from_meta(meta)
+        files.append(meta)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise GptDeployError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
+        )
+    return LoadedModel(model, config, tokenizer, source, f"nanoGPT checkpoint {path}", files)
+
+
+def _find_meta(ckpt_path: Path, dataset: str | None) -> Path | None:
+    """nanoGPT's sample.py reads data/<dataset>/meta.pkl; look beside the checkpoint first."""
+    candidates = [ckpt_path.parent / "meta.pkl"]
+    if dataset:
+        for base in (ckpt_path.parent, ckpt_path.parent.parent, Path.cwd()):
+            candidates.append(base / "data" / dataset / "meta.pkl")
+    return next((c for c in candidates if c.exists()), None)
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+            raise GptDeployError(f"cannot read {path}: not a PyTorch checkpoint (corrupt, or another format)") from None
+        lines = str(e).splitlines()
+        reason = next((line.strip() for line in lines if "unsupported global" in line.lower()), "unsupported object")
+        raise GptDeployError(
+            f"{path} holds objects that only code execution could load; refusing to unpickle them ({reason})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise GptDeployError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise GptDeployError(f"cannot read {path}: {e}") from None
+    state = _torch_load(path)
+    if not isinstance(state, dict):
+        raise GptDeployError(f"{path} does not hold a state dict")
+    return state
+
+
+def _build(config: GPTConfig, state: dict[str, torch.Tensor], path: Path) -> GPT:
+    """A model with `state` loaded, after checking every name and shape."""
+    model = GPT(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+        raise GptDeployError(f"{path}: weights do not match the architecture: {'; '.join(parts)}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise GptDeployError(
+                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model

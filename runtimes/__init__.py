@@ -1,0 +1,1 @@
+"""Runners: one interface over torch, ONNX Runtime and TensorRT."""

@@ -1,0 +1,66 @@
+"""Shared fixtures: small checkpoints in the formats users really have, built locally."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from gptdeploy.model import GPT, GPTConfig
+
+TINY_HF = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory):
+    """A Hugging Face GPT2LMHeadModel with random weights, saved with save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(**TINY_HF, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # HF initialises biases and LayerNorms to constants; make them matter
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    model.save_pretrained(folder)
+    return folder
+
+
+def write_nanogpt_checkpoint(folder, *, vocab_size=50304, meta: dict | None = None, dataset="openwebtext",
+                             bias=True, seed=0, compiled=True):
+    """A checkpoint as nanoGPT's train.py writes it, optionally after torch.compile (`_orig_mod.` keys)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, bias=bias, vocab_size=vocab_size, dropout=0.1)
+    model = GPT(GPTConfig(**{k: v for k, v in args.items()}, gelu="exact"))
+    model.init_weights(seed)
+    prefix = "_orig_mod." if compiled else ""
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters())
+    with torch.enable_grad():  # a real optimizer state, as after training
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).loss.backward()
+        optimizer.step()
+    torch.save(
+        {
+            "model": state,
+            "optimizer": optimizer.state_dict(),
+            "model_args": args,
+            "iter_num": 100,
+            "best_val_loss": torch.tensor(2.5),
+            "config": {"dataset": dataset, "batch_size": 12, "learning_rate": 6e-4},
+        },
+        folder / "ckpt.pt",
+    )
+    if meta is not None:
+        meta_dir = folder / "data" / dataset
+        meta_dir.mkdir(parents=True)
+        with open(meta_dir / "meta.pkl", "wb") as f:
+            pickle.dump(meta, f)
+    return folder / "ckpt.pt", model
+
+
+@pytest.fixture
+def char_meta():
+    chars = sorted(set("\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
+    return {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
