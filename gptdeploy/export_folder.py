@@ -1,0 +1,106 @@
+"""The exported model folder: its layout, IO names, and a reader that needs no torch.
+
+This is public API that other apps build on; change it only deliberately (and say so in the README).
+
+    <folder>/
+      onnx/model.onnx            decoder with KV-cache inputs (the Optimum / transformers.js / genai "decoder")
+      onnx/decoder_model.onnx    the same decoder without past inputs: the stateless scorer, and the
+                                 prefill graph for TensorRT (which handles zero-length dimensions poorly)
+      (fp16 exports name them model_fp16.onnx / decoder_model_fp16.onnx, after transformers.js' dtype suffixes)
+      config.json                Hugging Face GPT-2 keys
+      generation_config.json
+      gpt2.tiktoken | meta.pkl   the tokenizer
+      gptdeploy.json             the manifest: source and hash, versions, opset, precision, IO signature,
+                                 sha256 of every file, validation results
+
+Inputs of onnx/model.onnx: input_ids int64 [batch, sequence_length]; attention_mask int64
+[batch, past_sequence_length + sequence_length]; position_ids int64 [batch, sequence_length];
+past_key_values.{i}.key / .value [batch, n_head, past_sequence_length, head_dim] in the graph's
+precision. Outputs: logits float32 [batch, sequence_length, vocab]; present.{i}.key / .value
+[batch, n_head, past_sequence_length + sequence_length, head_dim].
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptdeploy.errors import GptDeployError
+from gptdeploy.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
+
+MANIFEST = "gptdeploy.json"
+FORMAT = "gptdeploy-export"
+FORMAT_VERSION = 1
+WITH_PAST = "with_past"  # graph roles, the keys of the manifest's "graphs"
+NO_PAST = "no_past"
+GRAPH_STEMS = {WITH_PAST: "model", NO_PAST: "decoder_model"}
+PRECISION_SUFFIXES = {"fp32": "", "fp16": "_fp16"}
+# ONNX element types by the names the manifest uses
+DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)", "float16": "tensor(float16)"}
+
+
+def graph_file(role: str, precision: str = "fp32") -> str:
+    """Path of a graph inside the folder, e.g. graph_file(WITH_PAST, "fp16") == "onnx/model_fp16.onnx"."""
+    return f"onnx/{GRAPH_STEMS[role]}{PRECISION_SUFFIXES[precision]}.onnx"
+
+
+def past_names(n_layer: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def present_names(n_layer: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+@dataclass
+class ExportFolder:
+    """An exported model folder, read from its manifest."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def config(self) -> dict:
+        """The GPTConfig fields (n_layer, n_head, n_embd, block_size, vocab_size, ...)."""
+        return self.manifest["config"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    def graph_path(self, role: str) -> Path:
+        return self.path / self.manifest["graphs"][role]["file"]
+
+    def tokenizer(self) -> Tokenizer:
+        spec = self.manifest["tokenizer"]
+        file = self.path / spec["file"]
+        if spec["type"] == "char":
+            return CharTokenizer.from_meta(file)
+        return BPETokenizer(file)
+
+
+def is_export_folder(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_export(path: str | Path) -> ExportFolder:
+    """Reads an export folder's manifest; one clear error if it is missing, corrupt or of a newer format."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise GptDeployError(f"{path} is not a gptdeploy export folder (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise GptDeployError(f"cannot read {manifest_path}: {e}") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise GptDeployError(
+            f"{manifest_path} is format {manifest.get('format')!r} version {manifest.get('format_version')}; "
+            f"this gptdeploy reads {FORMAT!r} up to version {FORMAT_VERSION}"
+        )
+    folder = ExportFolder(path, manifest)
+    for role in manifest["graphs"]:
+        if not folder.graph_path(role).is_file():
+            raise GptDeployError(f"{path} is incomplete: {manifest['graphs'][role]['file']} is missing")
+    return folder
