@@ -40,6 +40,13 @@ PRECISION_SUFFIXES = {"fp32": "", "fp16": "_fp16"}
 DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)", "float16": "tensor(float16)"}
 
 
+# Symbolic dimension names in the graphs' inputs and outputs
+BATCH = "batch_size"
+SEQUENCE = "sequence_length"
+PAST_SEQUENCE = "past_sequence_length"
+TOTAL_SEQUENCE = "past_sequence_length + sequence_length"
+
+
 def graph_file(role: str, precision: str = "fp32") -> str:
     """Path of a graph inside the folder, e.g. graph_file(WITH_PAST, "fp16") == "onnx/model_fp16.onnx"."""
     return f"onnx/{GRAPH_STEMS[role]}{PRECISION_SUFFIXES[precision]}.onnx"
@@ -51,6 +58,31 @@ def past_names(n_layer: int) -> list[str]:
 
 def present_names(n_layer: int) -> list[str]:
     return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def io_signature(config: dict, role: str, precision: str) -> dict:
+    """The inputs and outputs of a graph, as the manifest lists them: name, dtype and shape of each.
+
+    config: GPTConfig fields (n_layer, n_head, n_embd, vocab_size).
+    """
+    n_layer, n_head = config["n_layer"], config["n_head"]
+    head_dim = config["n_embd"] // n_head
+    cache_dtype = "float16" if precision == "fp16" else "float32"
+    cache_len = TOTAL_SEQUENCE if role == WITH_PAST else SEQUENCE
+
+    def tensor(name, dtype, shape):
+        return {"name": name, "dtype": dtype, "shape": shape}
+
+    inputs = [
+        tensor("input_ids", "int64", [BATCH, SEQUENCE]),
+        tensor("attention_mask", "int64", [BATCH, cache_len]),
+        tensor("position_ids", "int64", [BATCH, SEQUENCE]),
+    ]
+    if role == WITH_PAST:
+        inputs += [tensor(name, cache_dtype, [BATCH, n_head, PAST_SEQUENCE, head_dim]) for name in past_names(n_layer)]
+    outputs = [tensor("logits", "float32", [BATCH, SEQUENCE, config["vocab_size"]])]
+    outputs += [tensor(name, cache_dtype, [BATCH, n_head, cache_len, head_dim]) for name in present_names(n_layer)]
+    return {"inputs": inputs, "outputs": outputs}
 
 
 @dataclass
