@@ -1,0 +1,195 @@
+"""Runtime names, what each needs on this machine, and opening a runner for a model source.
+
+    runner, tokenizer = open_runner("ort", "out/tiny")        # an export folder
+    runner, tokenizer = open_runner("torch", "gpt2")          # anything gptdeploy.load takes
+    runner, tokenizer = open_runner("ort", "gpt2")            # exported once into the export cache
+
+Asking for a runtime this machine cannot run raises GptDeployError with one line: what is missing
+and how to install it. A new runtime is a Runner subclass in its own module plus one entry in RUNTIMES.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptdeploy.errors import GptDeployError
+from gptdeploy.export_folder import is_export_folder, read_export
+from gptdeploy.tokenizer import Tokenizer
+from runtimes.base import Runner
+
+GPU_EXTRA = "pip install 'gptdeploy[gpu]'"
+TRT_EXTRA = "pip install 'gptdeploy[trt]'"
+CHECKPOINT, EXPORT = "checkpoint", "export folder"  # what a runtime runs
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    name: str
+    summary: str
+    runs: str  # CHECKPOINT (the torch model) or EXPORT (the ONNX graphs)
+    missing: Callable[[], str | None]  # what this machine lacks, with how to install it; None: ready
+    implemented: bool = True
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _ort_providers() -> list[str]:
+    import onnxruntime
+
+    return onnxruntime.get_available_providers()
+
+
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver sees, asked of the driver itself (no torch, no CUDA toolkit needed)."""
+    names = ["nvcuda.dll"] if sys.platform == "win32" else ["libcuda.so.1", "libcuda.so"]
+    for lib_name in names:
+        try:
+            lib = ctypes.CDLL(lib_name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def _missing_torch() -> str | None:
+    return None if _has_module("torch") else "PyTorch is not installed; install it: pip install torch"
+
+
+def _missing_ort() -> str | None:
+    if not _has_module("onnxruntime"):
+        return "onnxruntime is not installed; install it: pip install onnxruntime"
+    return None
+
+
+def _missing_gpu() -> str | None:
+    return None if cuda_device_count() > 0 else "no CUDA GPU is visible (no NVIDIA driver, or no device)"
+
+
+def _missing_ort_cuda() -> str | None:
+    if not _has_module("onnxruntime"):
+        return f"onnxruntime-gpu is not installed; install it: {GPU_EXTRA}"
+    if "CUDAExecutionProvider" not in _ort_providers():
+        return (f"this onnxruntime has no CUDAExecutionProvider (it is the CPU build); install onnxruntime-gpu "
+                f"in its place: pip uninstall -y onnxruntime && {GPU_EXTRA}")
+    return _missing_gpu()
+
+
+def _missing_trt() -> str | None:
+    if not _has_module("tensorrt"):
+        return f"TensorRT is not installed; install it: {TRT_EXTRA}"
+    return _missing_gpu()
+
+
+def _missing_ort_trt() -> str | None:
+    if not _has_module("onnxruntime") or "TensorrtExecutionProvider" not in _ort_providers():
+        return (f"this onnxruntime has no TensorrtExecutionProvider; install onnxruntime-gpu and TensorRT: "
+                f"pip uninstall -y onnxruntime && {TRT_EXTRA}")
+    return _missing_trt()
+
+
+RUNTIMES: dict[str, RuntimeSpec] = {
+    spec.name: spec
+    for spec in [
+        RuntimeSpec("torch", "the PyTorch reference model, CPU or CUDA, fp32/fp16/bf16", CHECKPOINT, _missing_torch),
+        RuntimeSpec("ort", "ONNX Runtime, CPUExecutionProvider", EXPORT, _missing_ort),
+        RuntimeSpec("ort-cuda", "ONNX Runtime, CUDAExecutionProvider, KV cache kept on the GPU", EXPORT,
+                    _missing_ort_cuda),
+        RuntimeSpec("trt", "TensorRT engine", EXPORT, _missing_trt, implemented=False),
+        RuntimeSpec("ort-trt", "ONNX Runtime, TensorrtExecutionProvider", EXPORT, _missing_ort_trt,
+                    implemented=False),
+    ]
+}
+
+
+def require(name: str) -> RuntimeSpec:
+    """The runtime's spec, or one GptDeployError saying why it cannot run here."""
+    if name not in RUNTIMES:
+        raise GptDeployError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+    spec = RUNTIMES[name]
+    missing = spec.missing()
+    if missing:
+        raise GptDeployError(f"runtime {name!r} is not available on this machine: {missing}")
+    if not spec.implemented:
+        raise GptDeployError(f"runtime {name!r} is not implemented in this version of gptdeploy")
+    return spec
+
+
+def open_runner(
+    name: str,
+    source: str | Path,
+    *,
+    precision: str | None = None,
+    device: str | None = None,
+    session_config=None,
+    weights: str | None = None,
+    weights_seed: int = 0,
+    progress: bool = True,
+) -> tuple[Runner, Tokenizer]:
+    """A runner of runtime `name` for `source`, and the model's tokenizer.
+
+    source: an export folder, or anything gptdeploy.load takes (with weights="random" and
+        weights_seed for a preset's architecture with random weights).
+    precision: torch: fp32 (default), fp16 or bf16. ONNX runtimes: an export folder's own precision
+        (asking for another is an error); a checkpoint is exported in it (fp32 default, or fp16).
+    device: torch: "cpu" (default), "cuda", "cuda:1", ...; ort-cuda: "cuda:N" picks the GPU.
+    session_config: runtimes.ort.SessionConfig for the ONNX Runtime runners.
+    """
+    spec = require(name)
+    if spec.runs == CHECKPOINT:
+        return _open_torch(source, precision, device, weights, weights_seed)
+    if is_export_folder(Path(source)):
+        folder = read_export(source)
+        if precision not in (None, folder.precision):
+            raise GptDeployError(f"{source} is a {folder.precision} export; it cannot run in {precision} "
+                                 f"(export the checkpoint again with precision {precision})")
+    else:
+        from gptdeploy.export_cache import cached_export
+        from gptdeploy.loading import load
+
+        loaded = load(source, weights=weights, seed=weights_seed)
+        folder = read_export(cached_export(loaded, precision or "fp32", progress=progress))
+    return _open_ort(name, folder, device, session_config), folder.tokenizer()
+
+
+def _open_torch(source, precision, device, weights, weights_seed):
+    if is_export_folder(Path(source)):
+        exported_from = read_export(source).manifest.get("source", {}).get("source", "its checkpoint")
+        raise GptDeployError(f"the torch runtime runs a checkpoint, and {source} is an export folder (ONNX "
+                             f"graphs, no torch weights); pass the checkpoint or preset it was exported from "
+                             f"({exported_from})")
+    import torch
+
+    from gptdeploy.loading import load
+    from runtimes.torch_runner import TorchRunner
+
+    device = device or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GptDeployError(f"device {device!r}: this PyTorch ({torch.__version__}) sees no CUDA GPU")
+    loaded = load(source, weights=weights, seed=weights_seed, dtype=precision or "fp32", device=device)
+    return TorchRunner(loaded.model), loaded.tokenizer
+
+
+def _open_ort(name, folder, device, session_config):
+    from runtimes.ort import OrtCudaRunner, OrtRunner, SessionConfig
+
+    session_config = session_config or SessionConfig()
+    if name == "ort":
+        if device not in (None, "cpu"):
+            raise GptDeployError(f"the ort runtime runs on the CPU; for {device!r} use --runtime ort-cuda")
+        return OrtRunner(folder, session_config)
+    device = device or "cuda:0"
+    if device == "cuda":
+        device = "cuda:0"
+    if not device.startswith("cuda:") or not device[5:].isdigit():
+        raise GptDeployError(f"device {device!r}: ort-cuda takes cuda or cuda:N")
+    return OrtCudaRunner(folder, session_config, device_id=int(device[5:]))
