@@ -43,6 +43,8 @@ def export(
     random: RandomOpt = False,
     seed: SeedOpt = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export folder.")] = False,
+    trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines into the folder (default "
+                                      "profiles; gptdeploy build-engine DIR chooses others).")] = False,
 ):
     """Export to an ONNX model folder (graphs with and without KV cache), validated in ONNX Runtime."""
     from exporters.onnx_export import (
@@ -54,6 +56,11 @@ def export(
     check_precision(precision)  # bad arguments fail before the model loads
     check_opset(DEFAULT_OPSET if opset is None else opset)
     check_destination(out.absolute(), force)
+    if trt:
+        from exporters.tensorrt import tensorrt_missing
+
+        if missing := tensorrt_missing():  # say so before the export, not after it
+            raise GptDeployError(missing)
     loaded = load(source, weights="random" if random else None, seed=seed)
     result = export_onnx(loaded, out, precision=precision, opset=opset, force=force)
     v = result.validation
@@ -61,8 +68,57 @@ def export(
     print(f"Wrote {out}/ ({result.size_bytes / 1e6:.1f} MB): {files}")
     print(f"Validated in ONNX Runtime (CPU) against the reference model over {len(v.checks)} checks (prefill, "
           f"{len(v.checks) - 2} decode steps, no-past graph): max |logits diff| {v.max_abs_diff:.2g} "
-          f"(bound {v.bound:.2g}), top-1 agreement {v.top1_agreement:.1%}")
+          f"(bound {v.bound:.2g}), top-1 agreement {v.top1_agreement:.1%} ({v.decisive_top1_agreement:.1%} where the "
+          f"reference's lead exceeds the bound)")
     print(f"Exported {source} ({precision}, opset {result.manifest['opset']}) in {result.seconds:.1f} s")
+    if trt:
+        from exporters.tensorrt import ensure_engines
+        from gptdeploy.export_folder import read_export
+
+        for name, path in ensure_engines(read_export(out)).items():
+            print(f"TensorRT {name} engine: {path}")
+
+
+def _range_opt(kind: str, point: str, what: str):
+    return Annotated[int | None, typer.Option(f"--{point}-{kind}", help=f"{point} {what}.", show_default=False)]
+
+
+@app.command("build-engine")
+def build_engine(
+    folder: Annotated[Path, typer.Argument(help="An export folder (gptdeploy export).")],
+    precision: Annotated[str | None, typer.Option(
+        help="fp32 or fp16: must be the export's (fp16 engines are built from an fp16 export).")] = None,
+    min_batch: _range_opt("batch", "min", "rows per step") = None,
+    opt_batch: _range_opt("batch", "opt", "rows per step (tuned for)") = None,
+    max_batch: _range_opt("batch", "max", "rows per step  [default: 8]") = None,
+    min_seq: _range_opt("seq", "min", "prompt tokens") = None,
+    opt_seq: _range_opt("seq", "opt", "prompt tokens (tuned for)  [default: block_size/8]") = None,
+    max_seq: _range_opt("seq", "max", "prompt tokens  [default: block_size]") = None,
+    min_past: _range_opt("past", "min", "cached positions before a decode step") = None,
+    opt_past: _range_opt("past", "opt", "cached positions (tuned for)  [default: block_size/4]") = None,
+    max_past: _range_opt("past", "max", "cached positions  [default: block_size-1]") = None,
+    workspace: Annotated[float | None, typer.Option(help="TensorRT workspace limit in GiB.  [default: 4]",
+                                                    show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the cached engines match.")] = False,
+):
+    """Build TensorRT engines into an export folder; cached ones are reused while they match."""
+    from exporters.tensorrt import ensure_engines, make_settings
+    from gptdeploy.export_folder import read_export
+
+    export_folder = read_export(folder)
+    if precision not in (None, export_folder.precision):
+        raise GptDeployError(f"{folder} is an {export_folder.precision} export; {precision} engines are built from "
+                             f"an {precision} export (gptdeploy export SOURCE --precision {precision})")
+    ranges = dict(batch=(min_batch, opt_batch, max_batch), sequence=(min_seq, opt_seq, max_seq),
+                  past=(min_past, opt_past, max_past))
+    given = workspace is not None or any(v is not None for r in ranges.values() for v in r)
+    # no option: the settings the engines were last built with (or the defaults)
+    settings = make_settings(export_folder.config["block_size"], **ranges, workspace_gib=workspace) if given else None
+    paths = ensure_engines(export_folder, settings, force=force)
+    for name, path in paths.items():
+        entry = export_folder.manifest["engines"][name]
+        print(f"{name}: {path} ({entry['bytes'] / 2**20:.1f} MiB; TensorRT {entry['tensorrt']}, {entry['gpu']}, "
+              f"built {entry['built']} in {entry['build_seconds']} s)")
 
 
 @app.command()
@@ -84,6 +140,98 @@ def info(source: SourceArg, random: RandomOpt = False, seed: SeedOpt = 0):
     table.add_row("tokenizer", f"{loaded.tokenizer.name} ({loaded.tokenizer.vocab_size} tokens)")
     table.add_row("weights", loaded.origin)
     Console().print(table)
+
+
+@app.command()
+def generate(
+    source: Annotated[str, typer.Argument(help="An export folder, or a preset, Hugging Face folder or nanoGPT ckpt.pt.")],
+    runtime: Annotated[str | None, typer.Option(
+        help="torch, ort or ort-cuda (default: ort for an export folder, torch otherwise).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(
+        help="Prompt text; repeat for a batch. Empty: start from end-of-text.")] = None,
+    prompt_ids: Annotated[str | None, typer.Option(help="The prompt as comma-separated token ids.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    greedy: Annotated[bool, typer.Option("--greedy", help="The most likely token at every step.")] = False,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default 1).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Sample among the tokens that make up probability p.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: a fresh one, shown by --json).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print ids, text and timings as JSON.")] = False,
+    precision: Annotated[str | None, typer.Option(
+        help="torch: fp32, fp16, bf16; ONNX: the export's (fp32 or fp16).")] = None,
+    device: Annotated[str | None, typer.Option(help="torch: cpu or cuda[:N]; ort-cuda: cuda:N.")] = None,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0: its default).")] = 0,
+    random: RandomOpt = False,
+    weights_seed: Annotated[int, typer.Option(help="Seed of the random weights (--random).")] = 0,
+):
+    """Generate text from a prompt on any runtime; the text streams to stdout."""
+    import json
+    import secrets
+    import time
+
+    from gptdeploy.export_folder import is_export_folder
+    from gptdeploy.generation import GenerationConfig, TextStream, prepare_prompts
+    from gptdeploy.generation import generate as run_generation
+    from runtimes.ort import SessionConfig
+    from runtimes.registry import open_runner
+
+    if greedy and (temperature, top_k, top_p) != (None, None, None):
+        raise GptDeployError("--greedy takes no --temperature, --top-k or --top-p")
+    if prompt and prompt_ids is not None:
+        raise GptDeployError("give --prompt or --prompt-ids, not both")
+    if prompt_ids is not None:
+        try:
+            prompts = [[int(i) for i in prompt_ids.split(",")]]
+        except ValueError:
+            raise GptDeployError(f"--prompt-ids takes comma-separated integers, not {prompt_ids!r}") from None
+    else:
+        prompts = prompt or [""]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, greedy=greedy, temperature=1.0 if temperature is None
+                              else temperature, top_k=top_k, top_p=top_p,
+                              seed=secrets.randbits(32) if seed is None and not greedy else seed)
+    config.check()  # bad options fail before a model is loaded
+
+    runtime = runtime or ("ort" if is_export_folder(source) else "torch")
+    start = time.perf_counter()
+    runner, tokenizer = open_runner(runtime, source, precision=precision, device=device,
+                                    session_config=SessionConfig(intra_op_threads=threads),
+                                    weights="random" if random else None, weights_seed=weights_seed)
+    load_s = time.perf_counter() - start
+    prompt_rows = prepare_prompts(tokenizer, prompts, runner.info.vocab_size, runner.info.block_size, max_new_tokens)
+
+    streaming = len(prompts) == 1 and not json_output
+    text_stream = TextStream(tokenizer, skip_ids=[tokenizer.eot_id])
+
+    def write_token(_row: int, token: int) -> None:
+        sys.stdout.write(text_stream.push(token))
+        sys.stdout.flush()
+
+    if streaming:
+        sys.stdout.write(prompts[0] if isinstance(prompts[0], str) else tokenizer.decode(prompt_rows[0]))
+    result = run_generation(runner, tokenizer, prompt_rows, config, on_token=write_token if streaming else None)
+    texts = result.texts(tokenizer)
+    if json_output:
+        rows = [{"prompt": tokenizer.decode(ids), "prompt_ids": ids, "generated_ids": new, "text": text,
+                 "finish_reason": reason}
+                for ids, new, text, reason in zip(result.prompt_ids, result.new_ids, texts, result.finish_reasons)]
+        print(json.dumps({
+            "source": source, "runtime": runner.name, "runner": runner.describe(), "precision": runner.precision,
+            "generation": {"max_new_tokens": config.max_new_tokens, "greedy": config.is_greedy,
+                           "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
+                           "seed": config.seed},
+            "outputs": rows,
+            "timings": {"load_s": load_s, "prefill_s": result.prefill_s, "decode_s": result.decode_s,
+                        "decode_tokens_per_s": result.decode_tokens_per_s},
+        }, indent=2, ensure_ascii=False))
+        return
+    if streaming:
+        print(text_stream.finish())
+    else:
+        for i, (ids, text) in enumerate(zip(result.prompt_ids, texts)):
+            print(f"--- prompt {i} ---\n{tokenizer.decode(ids)}{text}")
+    speed = f", {result.decode_tokens_per_s:.1f} tokens/s after the first" if result.decode_tokens_per_s else ""
+    print(f"{result.steps} tokens in {result.prefill_s + result.decode_s:.2f} s (first after "
+          f"{result.prefill_s:.3f} s{speed}) on {runner.describe()}", file=sys.stderr)
 
 
 def main() -> None:
