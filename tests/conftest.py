@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 
 import pytest
@@ -64,3 +65,61 @@ def write_nanogpt_checkpoint(folder, *, vocab_size=50304, meta: dict | None = No
 def char_meta():
     chars = sorted(set("\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
     return {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+
+
+def lively_tiny(seed=0):
+    """The tiny preset's architecture with weights that make generation a real test.
+
+    GPT-2's initialisation on a model this small makes greedy decoding repeat one token, and its top
+    logits lie close together. Scaled-up weights (position embeddings most) and perturbed biases give
+    a model that moves through many tokens, with its top logits far apart.
+    """
+    from gptdeploy.loading import LoadedModel
+    from gptdeploy.presets import PRESETS
+    from gptdeploy.tokenizer import BPETokenizer
+
+    config = PRESETS["tiny"].config
+    model = GPT(config)
+    model.init_weights(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(20.0 if "wpe" in name else 3.0)
+            else:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return LoadedModel(model.eval(), config, BPETokenizer(), "lively-tiny", f"lively tiny weights (seed {seed})",
+                       _fingerprint=hashlib.sha256(f"lively-tiny-{seed}".encode()).hexdigest())
+
+
+@pytest.fixture(scope="session")
+def lively():
+    return lively_tiny()
+
+
+def _export(loaded, folder):
+    from exporters.onnx_export import export_onnx
+
+    return export_onnx(loaded, folder, progress=False).path
+
+
+@pytest.fixture(scope="session")
+def lively_export_path(lively, tmp_path_factory):
+    """`lively` exported to ONNX (fp32)."""
+    return _export(lively, tmp_path_factory.mktemp("export") / "lively")
+
+
+@pytest.fixture(scope="session")
+def tiny_export_path(tmp_path_factory):
+    """The tiny preset with random weights (seed 0) exported to ONNX (fp32)."""
+    from gptdeploy.loading import load
+
+    return _export(load("tiny", weights="random", seed=0), tmp_path_factory.mktemp("export") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def hf_export_path(hf_folder, tmp_path_factory):
+    """The transformers-made `hf_folder` exported to ONNX (fp32)."""
+    from gptdeploy.loading import load
+
+    return _export(load(hf_folder), tmp_path_factory.mktemp("export") / "hf")
