@@ -43,6 +43,8 @@ def export(
     random: RandomOpt = False,
     seed: SeedOpt = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export folder.")] = False,
+    trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines into the folder (default "
+                                      "profiles; gptdeploy build-engine DIR chooses others).")] = False,
 ):
     """Export to an ONNX model folder (graphs with and without KV cache), validated in ONNX Runtime."""
     from exporters.onnx_export import (
@@ -54,6 +56,11 @@ def export(
     check_precision(precision)  # bad arguments fail before the model loads
     check_opset(DEFAULT_OPSET if opset is None else opset)
     check_destination(out.absolute(), force)
+    if trt:
+        from exporters.tensorrt import tensorrt_missing
+
+        if missing := tensorrt_missing():  # say so before the export, not after it
+            raise GptDeployError(missing)
     loaded = load(source, weights="random" if random else None, seed=seed)
     result = export_onnx(loaded, out, precision=precision, opset=opset, force=force)
     v = result.validation
@@ -64,6 +71,54 @@ def export(
           f"(bound {v.bound:.2g}), top-1 agreement {v.top1_agreement:.1%} ({v.decisive_top1_agreement:.1%} where the "
           f"reference's lead exceeds the bound)")
     print(f"Exported {source} ({precision}, opset {result.manifest['opset']}) in {result.seconds:.1f} s")
+    if trt:
+        from exporters.tensorrt import ensure_engines
+        from gptdeploy.export_folder import read_export
+
+        for name, path in ensure_engines(read_export(out)).items():
+            print(f"TensorRT {name} engine: {path}")
+
+
+def _range_opt(kind: str, point: str, what: str):
+    return Annotated[int | None, typer.Option(f"--{point}-{kind}", help=f"{point} {what}.", show_default=False)]
+
+
+@app.command("build-engine")
+def build_engine(
+    folder: Annotated[Path, typer.Argument(help="An export folder (gptdeploy export).")],
+    precision: Annotated[str | None, typer.Option(
+        help="fp32 or fp16: must be the export's (fp16 engines are built from an fp16 export).")] = None,
+    min_batch: _range_opt("batch", "min", "rows per step (default 1)") = None,
+    opt_batch: _range_opt("batch", "opt", "rows per step, tuned for (default 1)") = None,
+    max_batch: _range_opt("batch", "max", "rows per step (default 8)") = None,
+    min_seq: _range_opt("seq", "min", "prompt tokens (default 1)") = None,
+    opt_seq: _range_opt("seq", "opt", "prompt tokens, tuned for (default block_size/8)") = None,
+    max_seq: _range_opt("seq", "max", "prompt tokens (default block_size)") = None,
+    min_past: _range_opt("past", "min", "cached positions before a decode step (default 1)") = None,
+    opt_past: _range_opt("past", "opt", "cached positions, tuned for (default block_size/4)") = None,
+    max_past: _range_opt("past", "max", "cached positions (default block_size - 1)") = None,
+    workspace: Annotated[float | None, typer.Option(help="TensorRT workspace limit in GiB (default 4).",
+                                                    show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the cached engines match.")] = False,
+):
+    """Build TensorRT engines into an export folder; cached ones are reused while they match."""
+    from exporters.tensorrt import ensure_engines, make_settings
+    from gptdeploy.export_folder import read_export
+
+    export_folder = read_export(folder)
+    if precision not in (None, export_folder.precision):
+        raise GptDeployError(f"{folder} is an {export_folder.precision} export; {precision} engines are built from "
+                             f"an {precision} export (gptdeploy export SOURCE --precision {precision})")
+    ranges = dict(batch=(min_batch, opt_batch, max_batch), sequence=(min_seq, opt_seq, max_seq),
+                  past=(min_past, opt_past, max_past))
+    given = workspace is not None or any(v is not None for r in ranges.values() for v in r)
+    # no option: the settings the engines were last built with (or the defaults)
+    settings = make_settings(export_folder.config["block_size"], **ranges, workspace_gib=workspace) if given else None
+    paths = ensure_engines(export_folder, settings, force=force)
+    for name, path in paths.items():
+        entry = export_folder.manifest["engines"][name]
+        print(f"{name}: {path} ({entry['bytes'] / 2**20:.1f} MiB; TensorRT {entry['tensorrt']}, {entry['gpu']}, "
+              f"built {entry['built']} in {entry['build_seconds']} s)")
 
 
 @app.command()

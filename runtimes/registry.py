@@ -23,7 +23,7 @@ from gptdeploy.tokenizer import Tokenizer
 from runtimes.base import Runner
 
 GPU_EXTRA = "pip install 'gptdeploy[gpu]'"
-TRT_EXTRA = "pip install 'gptdeploy[trt]'"
+TRT_EXTRA = "pip install 'gptdeploy[trt]' (TensorRT comes from NVIDIA's package index, pypi.nvidia.com)"
 CHECKPOINT, EXPORT = "checkpoint", "export folder"  # what a runtime runs
 
 
@@ -104,9 +104,8 @@ RUNTIMES: dict[str, RuntimeSpec] = {
         RuntimeSpec("ort", "ONNX Runtime, CPUExecutionProvider", EXPORT, _missing_ort),
         RuntimeSpec("ort-cuda", "ONNX Runtime, CUDAExecutionProvider, KV cache kept on the GPU", EXPORT,
                     _missing_ort_cuda),
-        RuntimeSpec("trt", "TensorRT engine", EXPORT, _missing_trt, implemented=False),
-        RuntimeSpec("ort-trt", "ONNX Runtime, TensorrtExecutionProvider", EXPORT, _missing_ort_trt,
-                    implemented=False),
+        RuntimeSpec("trt", "TensorRT engines built from the export, KV cache kept on the GPU", EXPORT, _missing_trt),
+        RuntimeSpec("ort-trt", "ONNX Runtime, TensorrtExecutionProvider (CUDA fallback)", EXPORT, _missing_ort_trt),
     ]
 }
 
@@ -191,5 +190,13 @@ def _open_ort(name, folder, device, session_config):
     if device == "cuda":
         device = "cuda:0"
     if not device.startswith("cuda:") or not device[5:].isdigit():
-        raise GptDeployError(f"device {device!r}: ort-cuda takes cuda or cuda:N")
+        raise GptDeployError(f"device {device!r}: {name} takes cuda or cuda:N")
+    if name == "trt":
+        from runtimes.trt import TrtRunner
+
+        return TrtRunner(folder, device_id=int(device[5:]))
+    if name == "ort-trt":
+        from runtimes.ort_trt import OrtTrtRunner
+
+        return OrtTrtRunner(folder, session_config, device_id=int(device[5:]))
     return OrtCudaRunner(folder, session_config, device_id=int(device[5:]))
