@@ -11,6 +11,7 @@ import json
 import pickle
 import zipfile
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Hugging Face's GPT-2 stores these projections as Conv1D, [in, out]: transposed relative to nn.Linear.
 HF_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Metadata keys of the safetensors files gptdeploy writes (scripts/train_shakespeare.py)
+CONFIG_KEY, TOKENIZER_KEY = "gptdeploy.config", "gptdeploy.tokenizer"
 
 
 @dataclass
@@ -59,9 +62,10 @@ def load(
 ) -> LoadedModel:
     """Loads a reference GPT in eval mode.
 
-    source: a preset name (`gpt2`, `gpt2-medium`, ..., `tiny`), a Hugging Face GPT-2 folder
-        (config.json + model.safetensors or pytorch_model.bin), or a nanoGPT checkpoint
-        (`ckpt.pt`, or a folder holding one).
+    source: a preset name (`shakespeare`, `gpt2`, `gpt2-medium`, ..., `tiny`), a Hugging Face GPT-2
+        folder (config.json + model.safetensors or pytorch_model.bin), a nanoGPT checkpoint
+        (`ckpt.pt`, or a folder holding one), or a `.safetensors` file written by gptdeploy's
+        training script (the architecture in its metadata).
     weights: None for the source's own weights; "random" for the preset's architecture with
         GPT-2's initialisation from `seed`.
     """
@@ -78,6 +82,8 @@ def load(
         loaded = _load_random(source_str, seed)
     elif path.exists():
         loaded = _load_path(path, source_str)
+    elif source_str in PRESETS and PRESETS[source_str].packaged_file:
+        loaded = _load_packaged(source_str)
     elif source_str in PRESETS:
         loaded = _load_hub(source_str)
     else:
@@ -118,7 +124,51 @@ def _load_path(path: Path, source: str) -> LoadedModel:
         )
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
         return _load_nanogpt(path, source)
-    raise GptDeployError(f"unknown checkpoint format: {path} (expected a nanoGPT .pt file or a model folder)")
+    if path.suffix == ".safetensors":
+        return _load_gptdeploy_safetensors(path, source, origin=f"safetensors file {path}")
+    raise GptDeployError(
+        f"unknown checkpoint format: {path} (expected a nanoGPT .pt file, a gptdeploy .safetensors file "
+        "or a model folder)"
+    )
+
+
+def _load_packaged(name: str) -> LoadedModel:
+    """A preset whose weights ship inside the package: no network, no cache."""
+    path = Path(str(resources.files("gptdeploy") / "data" / PRESETS[name].packaged_file))
+    if not path.is_file():
+        raise GptDeployError(f"the weights of preset {name!r} are missing from the installation ({path}); reinstall gptdeploy")
+    loaded = _load_gptdeploy_safetensors(path, name, origin=f"packaged with gptdeploy ({path.name}, offline)")
+    if loaded.config != PRESETS[name].config:
+        raise GptDeployError(f"{path} does not hold the architecture of preset {name!r}; reinstall gptdeploy")
+    return loaded
+
+
+def _load_gptdeploy_safetensors(path: Path, source: str, origin: str) -> LoadedModel:
+    """safetensors with the GPTConfig as JSON in its metadata; lm_head is tied, so it may be absent."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise GptDeployError(f"cannot read {path}: {e}") from None
+    if CONFIG_KEY not in metadata:
+        raise GptDeployError(
+            f"{path} has no {CONFIG_KEY} metadata, so its architecture is unknown; for a Hugging Face "
+            "model.safetensors, pass the folder that holds it with its config.json"
+        )
+    tokenizer_name = metadata.get(TOKENIZER_KEY, BPETokenizer.name)
+    if tokenizer_name != BPETokenizer.name:
+        raise GptDeployError(f"{path}: tokenizer {tokenizer_name!r} is not supported (only {BPETokenizer.name})")
+    try:
+        config = GPTConfig(**json.loads(metadata[CONFIG_KEY]))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise GptDeployError(f"{path}: invalid {CONFIG_KEY} metadata: {e}") from None
+    state = _read_tensors(path)
+    if "transformer.wte.weight" in state:
+        state.setdefault("lm_head.weight", state["transformer.wte.weight"])
+    model = _build(config, state, path)
+    return LoadedModel(model, config, BPETokenizer(), source, origin, [path])
 
 
 def _load_hub(name: str) -> LoadedModel:
