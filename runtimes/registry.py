@@ -65,6 +65,12 @@ def _missing_torch() -> str | None:
     return None if _has_module("torch") else "PyTorch is not installed; install it: pip install torch"
 
 
+def _missing_transformers() -> str | None:
+    if not _has_module("transformers"):
+        return "transformers is not installed; install it: pip install transformers"
+    return _missing_torch()
+
+
 def _missing_ort() -> str | None:
     if not _has_module("onnxruntime"):
         return "onnxruntime is not installed; install it: pip install onnxruntime"
@@ -101,6 +107,8 @@ RUNTIMES: dict[str, RuntimeSpec] = {
     spec.name: spec
     for spec in [
         RuntimeSpec("torch", "the PyTorch reference model, CPU or CUDA, fp32/fp16/bf16", CHECKPOINT, _missing_torch),
+        RuntimeSpec("hf", "Hugging Face transformers' GPT2LMHeadModel on the same weights, its own KV cache "
+                    "(the baseline)", CHECKPOINT, _missing_transformers),
         RuntimeSpec("ort", "ONNX Runtime, CPUExecutionProvider", EXPORT, _missing_ort),
         RuntimeSpec("ort-cuda", "ONNX Runtime, CUDAExecutionProvider, KV cache kept on the GPU", EXPORT,
                     _missing_ort_cuda),
@@ -145,7 +153,12 @@ def open_runner(
     """
     spec = require(name)
     if spec.runs == CHECKPOINT:
-        return _open_torch(source, precision, device, weights, weights_seed)
+        runner, tokenizer = _open_torch(source, precision, device, weights, weights_seed)
+        if name == "hf":  # transformers' GPT-2 on the reference model's weights
+            from runtimes.hf import HfRunner
+
+            runner = HfRunner.from_gpt(runner.model)
+        return runner, tokenizer
     if is_export_folder(Path(source)):
         folder = read_export(source)
         if precision not in (None, folder.precision):
