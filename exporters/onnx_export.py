@@ -27,7 +27,7 @@ import torch
 
 import gptdeploy
 from exporters import graphs
-from exporters.hf_files import generation_config, hf_config
+from exporters.hf_files import generation_config, hf_config, hf_tokenizer_files
 from exporters.validate import ValidationReport, validate_export
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import (
@@ -41,7 +41,7 @@ from gptdeploy.export_folder import (
     io_signature,
 )
 from gptdeploy.loading import LoadedModel
-from gptdeploy.tokenizer import GPT2_RANKS_FILE, CharTokenizer
+from gptdeploy.tokenizer import GPT2_RANKS_FILE, CharTokenizer, read_tiktoken_ranks
 
 # torchlib, the exporter's operator library, is written for opset 18; the exporter converts to
 # later opsets itself. 18 runs on ONNX Runtime >= 1.14 and TensorRT >= 8.6.
@@ -253,7 +253,10 @@ def _check_graph(path: Path) -> None:
 
 
 def _write_side_files(loaded: LoadedModel, folder: Path, precision: str) -> dict:
-    """config.json, generation_config.json and the tokenizer file; returns the manifest's tokenizer entry."""
+    """config.json, generation_config.json and the tokenizer file(s); returns the manifest's tokenizer entry.
+
+    GPT-2 BPE also gets tokenizer.json and tokenizer_config.json, for transformers and transformers.js.
+    """
     tokenizer = loaded.tokenizer
     (folder / "config.json").write_text(json.dumps(hf_config(loaded.config, tokenizer, precision), indent=2) + "\n")
     (folder / "generation_config.json").write_text(json.dumps(generation_config(loaded.config, tokenizer), indent=2) + "\n")
@@ -264,6 +267,10 @@ def _write_side_files(loaded: LoadedModel, folder: Path, precision: str) -> dict
         kind, name = "char", "meta.pkl"
     else:
         source, kind, name = tokenizer.ranks_path, "gpt2-bpe", GPT2_RANKS_FILE
+        ranks = read_tiktoken_ranks(source, None)
+        hf_tokenizer, hf_tokenizer_config = hf_tokenizer_files(ranks, tokenizer.eot_id, loaded.config.block_size)
+        (folder / "tokenizer.json").write_text(json.dumps(hf_tokenizer, ensure_ascii=False), encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config, indent=2) + "\n")
     shutil.copyfile(source, folder / name)
     return {"type": kind, "file": name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
 

@@ -98,7 +98,7 @@ def test_folder_layout_and_manifest(tiny_export, tiny):
     folder = tiny_export.path
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert files == ["config.json", "generation_config.json", "gpt2.tiktoken", "gptdeploy.json",
-                     "onnx/decoder_model.onnx", "onnx/model.onnx"]
+                     "onnx/decoder_model.onnx", "onnx/model.onnx", "tokenizer.json", "tokenizer_config.json"]
     manifest = json.loads((folder / "gptdeploy.json").read_text())
     assert manifest == tiny_export.manifest
     assert manifest["format"] == "gptdeploy-export" and manifest["format_version"] == 1
@@ -132,6 +132,33 @@ def test_config_json_is_gpt2_config(tiny_export, tiny):
     assert config_from_hf(json.loads((tiny_export.path / "config.json").read_text())) == tiny.config
     generation = transformers.GenerationConfig.from_pretrained(tiny_export.path)
     assert generation.eos_token_id == 50256
+
+
+TOKENIZER_TEXTS = [
+    "Hello world",
+    "It's a test: they'll've done it, we're 12345678 times 3.14 <|endoftext|> and again<|endoftext|>",
+    "  leading spaces\n\n\ttabs   and trailing   \r\n",
+    "naïve café, Straße,東京タワー, Привет, مرحبا, 🤗🚀 emoji, \u00a0nbsp and \u200b zero width",
+    "def f(x):\n    return x**2  # code\n",
+]
+
+
+def test_hf_tokenizer_json_matches_tiktoken(tiny_export):
+    """tokenizer.json (for transformers and transformers.js) gives tiktoken's ids and decodes back."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    hf = tokenizers.Tokenizer.from_file(str(tiny_export.path / "tokenizer.json"))
+    bpe = read_export(tiny_export.path).tokenizer()
+    texts = TOKENIZER_TEXTS + [Path(__file__).resolve().parents[1].joinpath("README.md").read_text()]  # prose, code, tables
+    gen = np.random.default_rng(0)  # random bytes, decoded leniently: odd code points and broken sequences
+    texts += [bytes(gen.integers(0, 256, 300, dtype=np.uint8)).decode("utf-8", errors="replace") for _ in range(5)]
+    for text in texts:
+        ids = bpe.encode(text)
+        assert hf.encode(text).ids == ids, text[:60]
+        assert hf.decode(ids, skip_special_tokens=False) == text
+    auto = transformers.AutoTokenizer.from_pretrained(tiny_export.path)
+    assert auto("Hello world<|endoftext|>")["input_ids"] == [15496, 995, 50256]
+    assert auto.eos_token_id == 50256 and auto.model_max_length == 128
 
 
 def io_of(path: Path) -> dict:
@@ -265,7 +292,8 @@ def test_fp16_export_is_finite_close_and_agrees_on_top1(tiny_export_fp16, tiny, 
     manifest = tiny_export_fp16.manifest
     assert manifest["precision"] == "fp16"
     assert sorted(manifest["files"]) == ["config.json", "generation_config.json", "gpt2.tiktoken",
-                                         "onnx/decoder_model_fp16.onnx", "onnx/model_fp16.onnx"]
+                                         "onnx/decoder_model_fp16.onnx", "onnx/model_fp16.onnx", "tokenizer.json",
+                                         "tokenizer_config.json"]
     assert json.loads((tiny_export_fp16.path / "config.json").read_text())["torch_dtype"] == "float16"
     v = manifest["validation"]
     assert v["passed"] and v["decisive_top1_agreement"] == 1.0
