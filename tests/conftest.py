@@ -110,6 +110,14 @@ def lively_export_path(lively, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def lively_export_fp16_path(lively, tmp_path_factory):
+    """`lively` exported to ONNX in fp16."""
+    from exporters.onnx_export import export_onnx
+
+    return export_onnx(lively, tmp_path_factory.mktemp("export") / "lively-fp16", precision="fp16", progress=False).path
+
+
+@pytest.fixture(scope="session")
 def tiny_export_path(tmp_path_factory):
     """The tiny preset with random weights (seed 0) exported to ONNX (fp32)."""
     from gptdeploy.loading import load
