@@ -311,6 +311,24 @@ def test_trt_runner_matches_the_reference(gpu_export, lively, cuda_graphs):
 
 @pytest.mark.gpu
 @needs_tensorrt
+def test_fp16_engines_come_from_the_fp16_export(lively, tmp_path):
+    from exporters.onnx_export import export_onnx
+    from runtimes.torch_runner import TorchRunner
+    from runtimes.trt import TrtRunner
+
+    folder = export_onnx(lively, tmp_path / "lively-fp16", precision="fp16", progress=False).path
+    expected, _ = reference_steps(TorchRunner(lively.model), PROMPTS)
+    with TrtRunner(folder) as runner:
+        got, cache = reference_steps(runner, PROMPTS)
+    assert read_export(folder).manifest["engines"][DECODE]["file"] == "trt/decode_fp16.engine"
+    assert cache[0][0].dtype == np.float16  # the KV cache is fp16, as in the graph
+    for e, g in zip(expected, got):
+        assert np.isfinite(g).all()
+        assert (g[:, -1].argmax(-1) == e[:, -1].argmax(-1)).all()
+
+
+@pytest.mark.gpu
+@needs_tensorrt
 def test_engines_are_built_once_then_reused(gpu_export, capfd):
     from exporters.tensorrt import ensure_engines
 
