@@ -234,6 +234,63 @@ def generate(
           f"{result.prefill_s:.3f} s{speed}) on {runner.describe()}", file=sys.stderr)
 
 
+def _int_list(option: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise GptDeployError(f"{option} takes comma-separated integers, like 1,8; not {text!r}") from None
+
+
+@app.command()
+def bench(
+    source: Annotated[str, typer.Argument(help="A preset, Hugging Face folder or nanoGPT ckpt.pt; or an export folder.")],
+    runtime: Annotated[str, typer.Option(
+        help="Runtimes to measure, comma-separated: hf, torch, ort, ort-cuda, trt, ort-trt.")] = "hf,torch,ort",
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1",
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens per row.")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per row (the first by the prefill).")] = 128,
+    warmup: Annotated[int, typer.Option(help="Untimed rounds per batch size before the timed ones.")] = 1,
+    repeat: Annotated[int, typer.Option(help="Timed rounds per batch size; figures are their medians.")] = 3,
+    threads: Annotated[int, typer.Option(
+        help="Intra-op threads of torch and ONNX Runtime.  [default: one per physical core]", show_default=False)] = 0,
+    precision: Annotated[str | None, typer.Option(
+        help="fp32, fp16 or bf16 (torch and hf; ONNX runtimes run fp32 or fp16 exports).  [default: fp32, or an "
+             "export folder's own]", show_default=False)] = None,
+    device: Annotated[str | None, typer.Option(
+        help="torch and hf: cpu or cuda[:N]; the GPU of ort-cuda, trt and ort-trt.  [default: cuda when PyTorch "
+             "sees a GPU, else cpu]", show_default=False)] = None,
+    optimization: Annotated[str, typer.Option(
+        help="ONNX Runtime graph optimization level: disable, basic, extended, all.")] = "all",
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file.",
+                                                   show_default=False)] = None,
+    random: RandomOpt = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights and of the token ids fed.")] = 0,
+):
+    """Measure runtimes side by side: prefill, decode, time to first token, set-up and memory.
+
+    Exit code 0 when every available runtime was measured (unavailable ones are listed with the
+    reason), 1 when one failed, 2 for bad input.
+    """
+    from gptdeploy.bench import FAILED, BenchSettings, run_bench, write_json
+    from gptdeploy.bench_report import RichProgress, print_report
+
+    settings = BenchSettings(
+        source, tuple(r.strip() for r in runtime.split(",") if r.strip()), batches=_int_list("--batch", batch),
+        prompt_len=prompt_len, new_tokens=new_tokens, warmup=warmup, repeat=repeat, threads=threads,
+        precision=precision, device=device, ort_optimization=optimization, random_weights=random, seed=seed,
+    )
+    settings.check()
+    if json_file is not None and not json_file.absolute().parent.is_dir():
+        raise GptDeployError(f"--json {json_file}: the folder {json_file.absolute().parent} does not exist")
+    with RichProgress() as progress:
+        report = run_bench(settings, progress)
+    print_report(report)
+    if json_file is not None:
+        write_json(report, json_file)
+    if any(r["status"] == FAILED for r in report["runtimes"]):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,185 @@
+"""gptdeploy bench: the report's fields and arithmetic, unavailable and failing runtimes, JSON, the CLI.
+
+The measurements are tiny (the tiny preset, a few tokens): these tests check what is reported, not how
+fast anything is; benchmarks are a command, `gptdeploy bench`.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gptdeploy.bench import (
+    FAILED, OK, UNAVAILABLE, BenchSettings, ModelUnderTest, model_under_test, run_bench, write_json,
+)
+from gptdeploy.machine import ResidentMemory, measure_read_bandwidth
+from gptdeploy.model import GPT, GPTConfig
+from runtimes.registry import RUNTIMES
+from tests.test_cli import assert_one_line_error, gptdeploy
+
+SMALL = dict(batches=(1, 2), prompt_len=6, new_tokens=4, warmup=1, repeat=2, random_weights=True)
+
+
+@pytest.fixture(scope="module")
+def export_cache(tmp_path_factory):
+    """A private export cache: the ONNX runtimes export `tiny` into it once for the whole module."""
+    path = tmp_path_factory.mktemp("export-cache")
+    saved = os.environ.get("GPTDEPLOY_CACHE")
+    os.environ["GPTDEPLOY_CACHE"] = str(path)
+    yield path
+    if saved is None:
+        del os.environ["GPTDEPLOY_CACHE"]
+    else:
+        os.environ["GPTDEPLOY_CACHE"] = saved
+
+
+@pytest.fixture(scope="module")
+def report(export_cache):
+    """hf, torch and ort on tiny, in this process (the CLI test covers the child processes)."""
+    return run_bench(BenchSettings("tiny", ("hf", "torch", "ort"), isolate=False, **SMALL))
+
+
+def test_report_has_every_field(report):
+    assert report["format"] == "gptdeploy-bench" and report["baseline"] == "hf"
+    settings = report["settings"]
+    assert settings["batches"] == [1, 2] and settings["prompt_len"] == 6 and settings["new_tokens"] == 4
+    assert settings["threads"] >= 1 and settings["precision"] == "fp32" and settings["ort_optimization"] == "all"
+    machine = report["machine"]
+    assert machine["cpu"] and machine["physical_cores"] >= 1 and machine["logical_cpus"] >= 1
+    assert isinstance(machine["gpus"], list) and len(machine["load_average_start"]) == 3
+    assert {"numpy", "torch", "onnxruntime", "transformers"} <= set(report["versions"])
+    assert report["memory_bandwidth"]["gb_per_s"] > 0
+    model = report["model"]
+    assert model["parameters"] == GPT(GPTConfig(**model["config"])).num_params()
+    assert [r["runtime"] for r in report["runtimes"]] == ["hf", "torch", "ort"]
+    for runtime in report["runtimes"]:
+        assert runtime["status"] == OK, runtime
+        assert runtime["device"] == "cpu" and runtime["precision"] == "fp32" and runtime["threads"] >= 1
+        assert runtime["memory"]["run_peak_rss_mb"] > 0 and runtime["memory"]["setup_peak_rss_mb"] > 0
+        assert [b["batch"] for b in runtime["batches"]] == [1, 2]
+        for b in runtime["batches"]:
+            prefill, decode, generation = b["prefill"], b["decode"], b["generation"]
+            assert len(prefill["runs_ms"]) == 2 and prefill["latency_ms"] == np.median(prefill["runs_ms"])
+            assert prefill["tokens_per_s"] == pytest.approx(b["batch"] * 6 / (prefill["latency_ms"] / 1e3))
+            assert decode["steps"] == 3 and 0 < decode["p50_ms"] <= decode["p90_ms"] <= decode["p99_ms"]
+            assert decode["tokens_per_s"] == pytest.approx(b["batch"] * 3 / np.median(decode["runs_s"]))
+            assert 0 < generation["ttft_ms"] / 1e3 < generation["total_s"] and generation["new_tokens"] == 4
+            assert set(b["speedup"]) == {"prefill", "decode", "generation"}
+            floor = b["bandwidth_floor"]
+            assert floor["floor_ms"] > 0 and floor["fraction_of_limit"] == floor["floor_ms"] / decode["p50_ms"]
+    hf, torch_, ort = report["runtimes"]
+    assert set(hf["setup"]) == {"load_s"} and set(torch_["setup"]) == {"load_s"}
+    assert {"load_s", "export_s", "export_reused", "session_s"} == set(ort["setup"])
+    assert all(v == 1.0 for b in hf["batches"] for v in b["speedup"].values())
+    b = ort["batches"][0]
+    assert b["speedup"]["decode"] == b["decode"]["tokens_per_s"] / hf["batches"][0]["decode"]["tokens_per_s"]
+
+
+def test_bytes_per_step_count_the_weights_a_decode_step_reads():
+    """gpt2: every parameter but the position table (one row of it is read), 4 bytes each in fp32."""
+    gpt2 = ModelUnderTest(GPTConfig().to_dict(), "random", None, "fp32")
+    assert gpt2.parameters == 124_439_808
+    assert gpt2.weight_bytes_per_step("fp32") == (124_439_808 - 1024 * 768 + 768) * 4
+    assert gpt2.weight_bytes_per_step("fp16") * 2 == gpt2.weight_bytes_per_step("fp32")
+    assert gpt2.kv_bytes(8, 100, "fp32") == 2 * 12 * 8 * 100 * 768 * 4
+    no_bias = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, bias=False)
+    assert ModelUnderTest(no_bias.to_dict(), "", None, "fp32").parameters == GPT(no_bias).num_params()
+
+
+def test_runtimes_that_cannot_run_are_reported_with_the_reason(tiny_export_path, tmp_path):
+    """An export folder has no torch weights: torch and hf are unavailable, ort runs, baseline falls to it."""
+    report = run_bench(BenchSettings(str(tiny_export_path), ("hf", "torch", "ort"), isolate=False,
+                                     **{**SMALL, "batches": (1,)}))
+    hf, torch_, ort = report["runtimes"]
+    for row in (hf, torch_):
+        assert row["status"] == UNAVAILABLE and "export folder" in row["reason"]
+    assert ort["status"] == OK and report["baseline"] == "ort" and set(ort["setup"]) == {"session_s"}
+    for name in ("ort-cuda", "trt"):  # on a machine without them, a reason that says how to install them
+        missing = RUNTIMES[name].missing()
+        if missing:
+            row = run_bench(BenchSettings(str(tiny_export_path), (name,), isolate=False, **SMALL))["runtimes"][0]
+            assert row == {"runtime": name, "status": UNAVAILABLE, "reason": missing} and "install" in missing
+
+
+def test_a_runtime_that_fails_on_the_model_is_a_row_not_a_crash(tmp_path):
+    from tests.conftest import write_nanogpt_checkpoint
+
+    path, _ = write_nanogpt_checkpoint(tmp_path / "nobias", bias=False)  # transformers' GPT-2 has biases
+    report = run_bench(BenchSettings(str(path), ("hf", "torch"), isolate=False,
+                                     **{**SMALL, "batches": (1,), "random_weights": False}))
+    hf, torch_ = report["runtimes"]
+    assert hf["status"] == UNAVAILABLE and "bias=False" in hf["reason"]
+    assert torch_["status"] == OK and report["baseline"] == "torch"
+
+
+def test_json_is_written_whole_and_reads_back(report, tmp_path):
+    path = tmp_path / "bench.json"
+    write_json(report, path)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report))
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left behind
+
+
+def test_resident_memory_sees_an_allocation_and_resets_its_peak():
+    memory = ResidentMemory()
+    if not memory.resettable:
+        pytest.skip("the peak resident memory cannot be reset on this system (Linux only)")
+    memory.reset_peak()
+    before = memory.current_mb()
+    block = np.ones(200 * 10**6 // 8)  # 200 MB, written, so resident
+    assert memory.peak_mb() >= before + 190
+    del block
+    memory.reset_peak()
+    assert memory.peak_mb() < before + 100
+
+
+def test_read_bandwidth_is_measured():
+    result = measure_read_bandwidth(size_mib=32, repeats=2, threads=2)
+    assert result["gb_per_s"] == max(result["kernels_gb_per_s"].values()) > 0.1
+    assert set(result["kernels_gb_per_s"]) == {"max", "gemv"} and result["threads"] == 2
+
+
+def test_settings_are_checked_before_anything_runs(tiny_export_path):
+    from gptdeploy.errors import GptDeployError
+
+    with pytest.raises(GptDeployError, match="context of 128"):
+        run_bench(BenchSettings("tiny", ("torch",), prompt_len=120, new_tokens=20, random_weights=True))
+    with pytest.raises(GptDeployError, match="is a fp32 export"):
+        model_under_test(BenchSettings(str(tiny_export_path), ("ort",), precision="fp16"))
+
+
+def test_cli_bench_in_child_processes(export_cache, tmp_path):
+    path = tmp_path / "out.json"
+    result = gptdeploy("bench", "tiny", "--random", "--runtime", "torch,ort,ort-cuda", "--batch", "1",
+                       "--prompt-len", "4", "--new-tokens", "3", "--repeat", "1", "--json", str(path),
+                       env={**os.environ, "GPTDEPLOY_CACHE": str(export_cache)})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(path.read_text())
+    torch_, ort, ort_cuda = report["runtimes"]
+    assert torch_["status"] == ort["status"] == OK and report["baseline"] == "torch"
+    assert ort["setup"]["export_reused"] is True  # exported by the in-process tests into the same cache
+    for name in ("torch", "ort", "ort-cuda", "Speed", "Set-up and memory", "memory read bandwidth"):
+        assert name in result.stdout
+    if ort_cuda["status"] == UNAVAILABLE:
+        assert f"ort-cuda: unavailable: {ort_cuda['reason']}" in result.stdout
+    assert FAILED not in [r["status"] for r in report["runtimes"]]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--batch", "1,x"], "--batch takes comma-separated integers"),
+    (["--batch", "0"], "batch sizes must be >= 1"),
+    (["--runtime", "torch,onnx"], "unknown runtime 'onnx'"),
+    (["--runtime", "torch,torch"], "named twice"),
+    (["--new-tokens", "1"], "--new-tokens must be >= 2"),
+    (["--repeat", "0"], "--repeat >= 1"),
+    (["--precision", "fp8"], "unknown precision 'fp8'"),
+    (["--optimization", "max"], "unknown graph optimization level 'max'"),
+    (["--prompt-len", "120", "--new-tokens", "20"], "more than the model's context of 128"),
+    (["--json", "/nonexistent/dir/out.json"], "does not exist"),
+])
+def test_cli_bad_input_is_one_line(args, fragment):
+    assert_one_line_error(gptdeploy("bench", "tiny", "--random", "--runtime", "torch", *args), fragment)
+
+
+def test_cli_unknown_model_is_one_line():
+    assert_one_line_error(gptdeploy("bench", "gpt5", "--runtime", "torch"), "unknown model")
