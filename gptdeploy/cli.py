@@ -234,6 +234,62 @@ def generate(
           f"{result.prefill_s:.3f} s{speed}) on {runner.describe()}", file=sys.stderr)
 
 
+@app.command()
+def parity(
+    source: Annotated[str, typer.Argument(
+        help="A preset, Hugging Face folder or nanoGPT ckpt.pt; or an export folder (with --reference ort).")],
+    runtimes: Annotated[str, typer.Option(
+        help="Runtimes to check against the reference, comma-separated: torch, ort, ort-cuda, trt, ort-trt, ...")
+    ] = "torch,ort",
+    precision: Annotated[str | None, typer.Option(
+        help="Their precisions, comma-separated (fp32, fp16, bf16); each runtime runs in each.  "
+             "[default: fp32; an export folder's own]", show_default=False)] = None,
+    reference: Annotated[str, typer.Option(help="The reference, RUNTIME[:PRECISION].")] = "torch:fp32",
+    export: Annotated[Path | None, typer.Option(
+        help="The export folder the ONNX runtimes run.  [default: SOURCE exported into the export cache]",
+        show_default=False)] = None,
+    prompts: Annotated[Path | None, typer.Option(
+        help="A text file with one prompt per line.  [default: 4 built-in prompts]", show_default=False)] = None,
+    steps: Annotated[int, typer.Option(help="Decode steps after the prefill, with the KV cache.")] = 8,
+    greedy_tokens: Annotated[int, typer.Option(help="Tokens each runtime generates greedily on its own.")] = 32,
+    tol: Annotated[list[str] | None, typer.Option(
+        "--tol", help="METRIC=VALUE: a tolerance in place of the precision's default; repeatable.",
+        show_default=False)] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file.",
+                                                   show_default=False)] = None,
+    device: Annotated[str | None, typer.Option(
+        help="Device of the checkpoint runtimes (torch): cpu or cuda[:N].  [default: cpu]", show_default=False)] = None,
+    random: RandomOpt = False,
+    seed: SeedOpt = 0,
+):
+    """Check that runtimes compute what the reference computes: logits, KV cache, greedy tokens.
+
+    Exit code 0 when every check passes, 1 when any fails, 2 for bad input.
+    """
+    from dataclasses import replace
+
+    from gptdeploy.parity import (
+        DEFAULT_PROMPTS, parse_reference, parse_targets, print_report, read_prompts, run_parity,
+    )
+    from gptdeploy.parity_metrics import parse_tolerances
+
+    targets = [replace(t, device=device) for t in parse_targets(runtimes, precision)]
+    overrides = parse_tolerances(tol or [])
+    if steps < 1 or greedy_tokens < 1:
+        raise GptDeployError(f"--steps and --greedy-tokens must be >= 1, got {steps} and {greedy_tokens}")
+    if json_file is not None and not json_file.absolute().parent.is_dir():
+        raise GptDeployError(f"--json {json_file}: the folder {json_file.absolute().parent} does not exist")
+    report = run_parity(source, targets, reference=parse_reference(reference), export=export,
+                        prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS, steps=steps,
+                        greedy_tokens=greedy_tokens, tolerances=overrides,
+                        weights="random" if random else None, weights_seed=seed)
+    print_report(report)
+    if json_file is not None:
+        report.write_json(json_file)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
 def _int_list(option: str, text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))

@@ -1,0 +1,220 @@
+"""The comparator's arithmetic: how far a runtime's outputs are from the reference's, in numpy only.
+
+Everything here takes host arrays and knows nothing of runners or torch (Polygraphy's split: runners
+produce outputs, a comparator compares them). Logits come as [positions, vocab] rows, one row per
+real (non-padding) position; padding positions are dropped before they get here.
+
+Metrics (their names are the keys of METRICS and of --tol):
+  max_abs     max |test - ref| over the rows and the whole vocabulary
+  mean_abs    mean |test - ref| over the same
+  max_rel     max over rows of  max_v |test - ref| / max_v |ref|: the error relative to the row's
+              largest logit. Elementwise |test - ref| / |ref| is useless for logits (they cross zero,
+              and a tiny reference logit makes any error huge); floating-point error scales with the
+              magnitude of what is computed, and the row's largest logit is that scale.
+  cosine      min over rows of the cosine similarity of the two logit vectors
+  top1        the fraction of rows whose most likely token (argmax) is the reference's
+  top5        the mean over rows of |top-5 ∩ reference top-5| / 5
+  kv_max_abs  max |KV - reference KV| over every layer's keys and values, at real positions
+  nonfinite   the count of NaN and Inf values in the logits and the KV cache
+  greedy      greedy generation on each runtime alone: the smallest fraction, over the prompts, of
+              generated tokens that agree with the reference's before the first divergence
+top1, top5 and greedy look only at ids below the tokenizer's vocabulary size (nanoGPT pads the
+vocabulary to 50304; the extra ids are never generated); the other logit metrics at every id.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gptdeploy.errors import GptDeployError
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    higher_is_better: bool  # checked as value >= tolerance; otherwise value <= tolerance
+    summary: str  # for the table's legend and the JSON report
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in [
+        Metric("max_abs", False, "max |logits - reference logits|"),
+        Metric("mean_abs", False, "mean |logits - reference logits|"),
+        Metric("max_rel", False, "max over positions of max|diff| / max|reference logit| of the position"),
+        Metric("cosine", True, "min over positions of the cosine similarity of the logit vectors"),
+        Metric("top1", True, "fraction of positions whose top-1 token is the reference's"),
+        Metric("top5", True, "mean overlap of the top-5 tokens with the reference's (fraction of 5)"),
+        Metric("kv_max_abs", False, "max |KV cache - reference KV cache| at real positions"),
+        Metric("nonfinite", False, "NaN and Inf values in the logits and the KV cache"),
+        Metric("greedy", True, "greedy generation: smallest fraction of tokens that agree before the first "
+                               "divergence, over the prompts"),
+    ]
+}
+
+
+def logits_metrics(test: np.ndarray, ref: np.ndarray, vocab_limit: int | None = None) -> dict:
+    """The logit metrics of `test` against `ref`, both [positions, vocab]; see the module docstring.
+
+    Also returns nan / inf (counts in test) and, when the top-1 tokens differ somewhere,
+    top1_flip_margin: the largest gap in the reference's logits between its own top-1 token and the
+    one `test` chose. A flip across a gap of 1e-6 is a near tie resolved the other way; across a gap
+    of several units, the runtime computes something else.
+    """
+    if test.shape != ref.shape or test.ndim != 2 or test.shape[0] == 0:
+        raise ValueError(f"expected two equal [positions, vocab] arrays, got {test.shape} and {ref.shape}")
+    t, r = test.astype(np.float64), ref.astype(np.float64)
+    diff = np.abs(t - r)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        row_scale = np.maximum(np.abs(r).max(-1), np.finfo(np.float64).tiny)
+        norms = np.linalg.norm(t, axis=-1) * np.linalg.norm(r, axis=-1)
+        dots = (t * r).sum(-1)
+        # two zero vectors are the same vector; one zero vector is unlike any other; NaN stays NaN
+        cosine = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0),
+                          np.where(np.linalg.norm(t, axis=-1) == np.linalg.norm(r, axis=-1), 1.0, 0.0))
+        cosine[np.isnan(norms)] = np.nan
+    limit = vocab_limit or t.shape[1]
+    t_top, r_top = t[:, :limit], r[:, :limit]
+    top1_test, top1_ref = _nan_to_neg_inf(t_top).argmax(-1), r_top.argmax(-1)
+    flipped = top1_test != top1_ref
+    rows = np.arange(len(r))
+    top5_test, top5_ref = _top_k(t_top, 5), _top_k(r_top, 5)
+    overlap = (top5_test[:, :, None] == top5_ref[:, None, :]).any(-1).sum(-1) / top5_ref.shape[1]
+    return {
+        "max_abs": _max(diff),
+        "mean_abs": float(diff.mean()),
+        "max_rel": _max(diff.max(-1) / row_scale),
+        "cosine": float(np.min(cosine)),
+        "top1": float(1.0 - flipped.mean()),
+        "top5": float(overlap.mean()),
+        "nan": int(np.isnan(test).sum()),
+        "inf": int(np.isinf(test).sum()),
+        "top1_flip_margin": float((r[rows, top1_ref] - r[rows, top1_test])[flipped].max()) if flipped.any() else None,
+    }
+
+
+def cache_metrics(test: list[tuple[np.ndarray, np.ndarray]], ref: list[tuple[np.ndarray, np.ndarray]],
+                  real: np.ndarray) -> dict:
+    """kv_max_abs, and NaN/Inf counts of `test`, over a cache's real positions.
+
+    test, ref: per layer (key, value), each [batch, n_head, length, head_dim] (Runner.cache_to_numpy);
+    real: bool [batch, length], True where the attention mask is 1.
+    """
+    diffs, nan, inf = [0.0], 0, 0
+    for test_kv, ref_kv in zip(test, ref, strict=True):
+        for t, r in zip(test_kv, ref_kv):
+            if t.shape != r.shape:
+                raise ValueError(f"cache shapes differ: {t.shape} and {r.shape}")
+            # [batch, n_head, length, head_dim] -> the (batch, length) pairs that are real
+            t_real = t.transpose(0, 2, 1, 3)[real]
+            r_real = r.transpose(0, 2, 1, 3)[real]
+            diffs.append(_max(np.abs(t_real.astype(np.float64) - r_real.astype(np.float64))))
+            nan += int(np.isnan(t_real).sum())
+            inf += int(np.isinf(t_real).sum())
+    return {"kv_max_abs": float(np.max(diffs)), "nan": nan, "inf": inf}  # np.max: NaN if any is
+
+
+def agreeing_prefix(test: list[int], ref: list[int]) -> int:
+    """How many tokens agree before the first divergence."""
+    for i, (a, b) in enumerate(zip(test, ref)):
+        if a != b:
+            return i
+    return min(len(test), len(ref))
+
+
+def _max(values: np.ndarray) -> float:
+    """The max, NaN if any value is NaN (np.max does that; it says that something is broken)."""
+    return float(values.max()) if values.size else 0.0
+
+
+def _nan_to_neg_inf(x: np.ndarray) -> np.ndarray:
+    return np.where(np.isnan(x), -np.inf, x)
+
+
+def _top_k(x: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, x.shape[1])
+    return np.argpartition(-_nan_to_neg_inf(x), k - 1, axis=-1)[:, :k]
+
+
+# --- tolerances ---
+
+# Defaults by precision; None: reported, not checked. How each was chosen, with the measurements
+# behind it, is in the README ("Parity"). fp32 checks absolute differences: two fp32 runtimes differ
+# by summation order only. Reduced precisions check relative ones (their error scales with the
+# logits' magnitude, which differs by model) and stay demanding where it counts: the top-1 token.
+DEFAULT_TOLERANCES: dict[str, dict[str, float | None]] = {
+    "fp32": {"max_abs": 1e-4, "mean_abs": 1e-5, "max_rel": 1e-5, "cosine": 0.99999, "top1": 1.0, "top5": 0.99,
+             "kv_max_abs": 1e-4, "nonfinite": 0, "greedy": 1.0},
+    "fp16": {"max_abs": None, "mean_abs": None, "max_rel": 1e-2, "cosine": 0.999, "top1": 0.97, "top5": 0.9,
+             "kv_max_abs": None, "nonfinite": 0, "greedy": 0.25},
+    "bf16": {"max_abs": None, "mean_abs": None, "max_rel": 5e-2, "cosine": 0.995, "top1": 0.9, "top5": 0.8,
+             "kv_max_abs": None, "nonfinite": 0, "greedy": 0.1},
+    "int8": {"max_abs": None, "mean_abs": None, "max_rel": 1e-1, "cosine": 0.99, "top1": 0.9, "top5": 0.8,
+             "kv_max_abs": None, "nonfinite": 0, "greedy": 0.1},
+    "int4": {"max_abs": None, "mean_abs": None, "max_rel": 2e-1, "cosine": 0.97, "top1": 0.8, "top5": 0.7,
+             "kv_max_abs": None, "nonfinite": 0, "greedy": 0.05},
+}
+PRECISION_ALIASES = {"q4": "int4", "q8": "int8", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def default_tolerances(precision: str) -> dict[str, float | None]:
+    key = PRECISION_ALIASES.get(precision, precision)
+    if key not in DEFAULT_TOLERANCES:
+        raise GptDeployError(f"no default tolerances for precision {precision!r}; known: "
+                             f"{', '.join(DEFAULT_TOLERANCES)} (give every metric with --tol)")
+    return dict(DEFAULT_TOLERANCES[key])
+
+
+def parse_tolerances(specs: list[str]) -> dict[str, float]:
+    """--tol values ("max_abs=1e-3", "top1=0.99") as {metric: tolerance}; GptDeployError for bad ones."""
+    overrides = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        name = name.strip()
+        if not sep or name not in METRICS:
+            raise GptDeployError(f"--tol takes METRIC=VALUE with METRIC one of {', '.join(METRICS)}; got {spec!r}")
+        try:
+            overrides[name] = float(value)
+        except ValueError:
+            raise GptDeployError(f"--tol {name}: {value!r} is not a number") from None
+        if not math.isfinite(overrides[name]):
+            raise GptDeployError(f"--tol {name}: the tolerance must be a finite number, got {value!r}")
+    return overrides
+
+
+def passes(metric: str, value: float, tolerance: float | None) -> bool:
+    """Whether value meets tolerance; NaN never does, an unchecked metric (None) always."""
+    if tolerance is None:
+        return True
+    return value >= tolerance if METRICS[metric].higher_is_better else value <= tolerance
+
+
+def passing_tolerance(metric: str, value: float) -> float | None:
+    """The tolerance, rounded outward to 2 significant digits, that `value` would have passed.
+
+    For metrics where higher is better (at most 1), the distance from 1 is what gets rounded:
+    a cosine of 0.9999873 would have passed 0.999987, not 0.99. None if nothing passes (NaN).
+    """
+    if math.isnan(value):
+        return None
+    if METRICS[metric].higher_is_better:
+        if value >= 1.0:
+            return 1.0
+        # 1 - value carries float noise (1 - 0.95 = 0.05000000000000004): the round figure, where it passes
+        round_figure = 1.0 - float(f"{1.0 - value:.2g}")
+        return round_figure if value >= round_figure else min(1.0 - _round_up(1.0 - value), value)
+    return _round_up(value)
+
+
+def _round_up(x: float) -> float:
+    """x rounded up to 2 significant digits (3.21e-3 -> 3.3e-3); never below x."""
+    if x <= 0 or math.isinf(x):
+        return max(x, 0.0)
+    step = 10.0 ** (math.floor(math.log10(x)) - 1)
+    rounded = float(f"{math.ceil(x / step) * step:.2g}")
+    while rounded < x:  # float rounding in the line above
+        rounded = float(f"{rounded + step:.2g}")
+    return rounded
