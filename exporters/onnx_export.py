@@ -88,16 +88,17 @@ def export_onnx(loaded: LoadedModel, out_dir: str | Path, *, precision: str = "f
         graph_specs = {}
         for role in (WITH_PAST, NO_PAST):
             file = graph_file(role, precision)
+            signature = io_signature(loaded.config.to_dict(), role, precision)
             with steps.step(f"Tracing {file}"):
-                ir_model = _trace(role, graph_model, opset, io_signature(loaded.config.to_dict(), role, precision))
+                ir_model = _trace(role, graph_model, opset, signature)
             with steps.step(f"Saving {file}"):
                 external = _save(ir_model, tmp / file)
             del ir_model
-            graph_specs[role] = {"file": file, "external_data": external,
-                                 **io_signature(loaded.config.to_dict(), role, precision)}
+            graph_specs[role] = {"file": file, "external_data": external, **signature}
         del graph_model
 
-        tokenizer_spec = _write_side_files(loaded, tmp, precision)
+        with steps.step("Writing config.json, generation_config.json and the tokenizer"):
+            tokenizer_spec = _write_side_files(loaded, tmp, precision)
         with steps.step("Checking the graphs (onnx.checker, shape inference)"):
             for spec in graph_specs.values():
                 _check_graph(tmp / spec["file"])

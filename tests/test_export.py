@@ -10,8 +10,10 @@ import inspect
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -349,6 +351,20 @@ def test_validation_catches_a_wrong_graph(tiny_export, tiny, tmp_path):
     report = validate.validate_export(folder, tiny.model, "fp32")
     assert not report.passed
     assert "onnx/model.onnx prefill" in report.failures() and "decoder_model" not in report.failures()
+
+
+def test_interrupted_export_leaves_no_folder(tmp_path):
+    """Ctrl-C half-way (the first graph written, the second being traced): exit 130, nothing left."""
+    process = subprocess.Popen([sys.executable, "-m", "gptdeploy", "export", "tiny", "--random", "--out",
+                                str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.*.partial/onnx/model.onnx")):
+        assert process.poll() is None and time.monotonic() < deadline, "the export ended before it could be interrupted"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_force_replaces_an_export_and_keeps_it_otherwise(tiny, tiny_export, tmp_path):
