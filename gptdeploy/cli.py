@@ -358,3 +358,6 @@ def main() -> None:
     except KeyboardInterrupt:
         print("gptdeploy: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # stdout closed early, e.g. `gptdeploy generate ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(1)

@@ -31,6 +31,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """Raw bytes, for streaming: a character may be split across tokens."""
+        ...
+
 
 def gpt2_ranks_path() -> Path:
     return Path(str(resources.files("gptdeploy") / "data" / GPT2_RANKS_FILE))
