@@ -308,12 +308,12 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed rounds per batch size before the timed ones.")] = 1,
     repeat: Annotated[int, typer.Option(help="Timed rounds per batch size; figures are their medians.")] = 3,
     threads: Annotated[int, typer.Option(
-        help="Intra-op threads of torch and ONNX Runtime.  [default: one per physical core]", show_default=False)] = 0,
+        help="Intra-op threads of torch and ONNX Runtime.  \\[default: one per physical core]", show_default=False)] = 0,
     precision: Annotated[str | None, typer.Option(
-        help="fp32, fp16 or bf16 (torch and hf; ONNX runtimes run fp32 or fp16 exports).  [default: fp32, or an "
+        help="fp32, fp16 or bf16 (torch and hf; ONNX runtimes run fp32 or fp16 exports).  \\[default: fp32, or an "
              "export folder's own]", show_default=False)] = None,
     device: Annotated[str | None, typer.Option(
-        help="torch and hf: cpu or cuda[:N]; the GPU of ort-cuda, trt and ort-trt.  [default: cuda when PyTorch "
+        help="torch and hf: cpu or cuda\\[:N]; the GPU of ort-cuda, trt and ort-trt.  \\[default: cuda when PyTorch "
              "sees a GPU, else cpu]", show_default=False)] = None,
     optimization: Annotated[str, typer.Option(
         help="ONNX Runtime graph optimization level: disable, basic, extended, all.")] = "all",
