@@ -39,7 +39,7 @@ def export(
         "--out", help="Export folder. Default: ./NAME-onnx (./NAME-onnx-fp16 for fp16), NAME the preset or checkpoint's folder.",
         show_default=False)] = None,
     precision: Annotated[str, typer.Option(help="fp32, or fp16 (LayerNorms and logits stay fp32).")] = "fp32",
-    opset: Annotated[int | None, typer.Option(help="ONNX opset of the graphs.  [default: 18]", show_default=False)] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset of the graphs.  \\[default: 18]", show_default=False)] = None,
     random: RandomOpt = False,
     seed: SeedOpt = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export folder.")] = False,
