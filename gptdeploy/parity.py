@@ -190,11 +190,11 @@ class Check:
         else:
             where = f" at {', '.join(self.failing_steps)}"
         fix = ("no tolerance passes a NaN" if self.passing_tolerance is None
-               else f"passes with --tol {self.metric}={format_tolerance(self.passing_tolerance)}")
+               else f"passes with --tol {self.metric}={self.passing_tolerance}")
         if METRICS[self.metric].higher_is_better and math.isfinite(self.value):  # a fraction, as --tol takes it
             value = f"{math.floor(self.value * 1e6) / 1e6:g}"
         else:
-            value = format_value(self.metric, self.value)
+            value = f"{self.value:.3g}"
         return f"{self.metric} {value} {op} {format_tolerance(self.tolerance)}{where} ({fix})"
 
 
@@ -206,6 +206,7 @@ class RuntimeResult:
     description: str
     tolerances: dict[str, float | None]
     steps: list[dict]  # per step: {"step": label, "positions": n, "metrics": {...}}
+    overall: dict  # the same over every step's positions together; the checks judge these values
     greedy: dict  # {"tokens": n, "agreeing": [per prompt], "first_divergence": [per prompt]}
     checks: list[Check]
     seconds: float
@@ -224,7 +225,7 @@ class RuntimeResult:
             "description": self.description, "passed": self.passed, "seconds": self.seconds,
             "tolerances": self.tolerances,
             "checks": [vars(c) | {"message": c.describe() if not c.passed else None} for c in self.checks],
-            "steps": self.steps, "greedy": self.greedy,
+            "overall": self.overall, "steps": self.steps, "greedy": self.greedy,
         })
 
 
@@ -251,14 +252,20 @@ def compare(runner, record: ReferenceRecord, tolerances: dict[str, float | None]
             if on_step:
                 on_step()
     vocab_limit = record.tokenizer.vocab_size
-    steps = []
-    for label, test, ref, caches in zip(record.step_labels, test_rows, ref_rows, cache_stats):
+
+    def step_metrics(label: str, test: list[np.ndarray], ref: list[np.ndarray], caches: list[dict]) -> dict:
         metrics = logits_metrics(np.concatenate(test), np.concatenate(ref), vocab_limit)
         metrics["kv_max_abs"] = _worst([c["kv_max_abs"] for c in caches], higher_is_better=False)
         metrics["nan"] += sum(c["nan"] for c in caches)
         metrics["inf"] += sum(c["inf"] for c in caches)
         metrics["nonfinite"] = metrics["nan"] + metrics["inf"]
-        steps.append({"step": label, "positions": int(sum(len(t) for t in test)), "metrics": metrics})
+        return {"step": label, "positions": int(sum(len(t) for t in test)), "metrics": metrics}
+
+    steps = [step_metrics(*args) for args in zip(record.step_labels, test_rows, ref_rows, cache_stats)]
+    # every position of every step together: what the checks judge. For the max and min metrics it
+    # is the worst step; the fractions (top-1, top-5) and mean_abs count every position once, so one
+    # flipped token among a decode step's few rows does not weigh like a tenth of the run.
+    overall = step_metrics("all steps", sum(test_rows, []), sum(ref_rows, []), sum(cache_stats, []))
 
     generated = _greedy(runner, record.tokenizer, record.greedy_rows, record.greedy_tokens, on_step)
     agreeing = [agreeing_prefix(test, ref) for test, ref in zip(generated, record.greedy_ids)]
@@ -268,18 +275,18 @@ def compare(runner, record: ReferenceRecord, tolerances: dict[str, float | None]
                              for n, test, ref in zip(agreeing, generated, record.greedy_ids)],
     }
     checks = []
-    for name, metric in METRICS.items():
-        if name == "greedy":
-            per_step = {"greedy": min(agreeing) / record.greedy_tokens}
-        else:
-            per_step = {s["step"]: s["metrics"][name] for s in steps}
-        value = _worst(list(per_step.values()), metric.higher_is_better)
+    for name in METRICS:
         tolerance = tolerances.get(name)
-        failing = [label for label, v in per_step.items() if not passes(name, v, tolerance)]
-        checks.append(Check(name, value, tolerance, passes(name, value, tolerance),
-                            failing if name != "greedy" else [], passing_tolerance(name, value), len(per_step)))
+        if name == "greedy":
+            value, failing, checked = min(agreeing) / record.greedy_tokens, [], 1
+        else:
+            value = overall["metrics"][name]
+            failing = [s["step"] for s in steps if not passes(name, s["metrics"][name], tolerance)]
+            checked = len(steps)
+        checks.append(Check(name, value, tolerance, passes(name, value, tolerance), failing,
+                            passing_tolerance(name, value), checked))
     return RuntimeResult(runner.name, runner.precision, runner.device, runner.describe(), tolerances, steps,
-                         greedy, checks, time.perf_counter() - start)
+                         overall, greedy, checks, time.perf_counter() - start)
 
 
 def _check_same_model(runner, record: ReferenceRecord) -> None:
@@ -488,15 +495,24 @@ def format_value(metric: str, value: float | None) -> str:
         return "100%" if value >= 1 else f"{math.floor(value * 1e4) / 100:.2f}%"
     if metric == "cosine":
         return "1" if value >= 1 else f"{math.floor(value * 1e6) / 1e6:.6f}"
-    return f"{value:.1e}"
+    return "0" if value == 0 else f"{value:.1e}"
 
 
 def format_tolerance(tolerance: float | None) -> str:
     return "-" if tolerance is None else f"{tolerance:.6g}"
 
 
-COLUMNS = ["max_abs", "mean_abs", "max_rel", "cosine", "top1", "top5", "kv_max_abs", "nonfinite"]
-HEADERS = ["max abs", "mean abs", "max rel", "cos min", "top-1", "top-5", "KV max", "NaN/Inf"]
+COLUMNS = ["max_abs", "mean_abs", "max_rel", "cosine", "top1", "flip_lead", "top5", "kv_max_abs", "nonfinite"]
+HEADERS = ["max abs", "mean abs", "max rel", "cos min", "top-1", "flip lead", "top-5", "KV max", "NaN/Inf"]
+
+
+def _cells(metrics: dict, tolerances: dict) -> list[str]:
+    """A table row's values; those that fail their tolerance in red."""
+    cells = []
+    for name in COLUMNS:
+        text = format_value(name, metrics[name])
+        cells.append(text if passes(name, metrics[name], tolerances.get(name)) else f"[red]{text}[/red]")
+    return cells
 
 
 def print_report(report: ParityReport, console=None) -> None:
@@ -525,17 +541,17 @@ def print_report(report: ParityReport, console=None) -> None:
                           + format_tolerance(tol))
         table.add_row("tol", *bounds, style="dim")
         for step in result.steps:
-            cells = []
-            for name in COLUMNS:
-                value = step["metrics"][name]
-                text = format_value(name, value)
-                cells.append(text if passes(name, value, result.tolerances.get(name)) else f"[red]{text}[/red]")
-            table.add_row(step["step"], *cells)
+            table.add_row(step["step"], *_cells(step["metrics"], result.tolerances),
+                          end_section=step is result.steps[-1])
+        table.add_row("all", *_cells(result.overall["metrics"], result.tolerances), style="bold")
         console.print(table)
         agree = ", ".join(f"{n}/{result.greedy['tokens']}" for n in result.greedy["agreeing"])
-        verdict = "[green]PASS[/green]" if result.passed else "[red]FAIL[/red]"
+        failed, checked = len(result.failures), sum(c.tolerance is not None for c in result.checks)
+        verdict = (f"[green]PASS[/green] {result.runtime} {result.precision}: all {checked} checks pass"
+                   if not failed else f"[red]FAIL[/red] {result.runtime} {result.precision}: {failed} of "
+                   f"{checked} checks fail")
         # soft_wrap: a line a script can grep, however narrow the terminal
-        console.print(f"{verdict} greedy generation, tokens agreeing before the first divergence: {agree}",
+        console.print(f"{verdict}; greedy generation agrees for {agree} tokens before the first divergence",
                       highlight=False, soft_wrap=True)
         for check in result.failures:
             console.print(f"     [red]{check.describe()}[/red]", highlight=False, soft_wrap=True)
