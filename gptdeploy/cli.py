@@ -242,23 +242,27 @@ def parity(
         help="Runtimes to check against the reference, comma-separated: torch, ort, ort-cuda, trt, ort-trt, ...")
     ] = "torch,ort",
     precision: Annotated[str | None, typer.Option(
-        help="Their precisions, comma-separated (fp32, fp16, bf16); each runtime runs in each.  "
-             "[default: fp32; an export folder's own]", show_default=False)] = None,
+        help="Their precisions, comma-separated: fp32, fp16, bf16 (torch), or an export's variant (int8, q4, "
+             "fp32-fused); each runtime runs in each.  \\[default: fp32; an export folder's own]",
+        show_default=False)] = None,
     reference: Annotated[str, typer.Option(help="The reference, RUNTIME[:PRECISION].")] = "torch:fp32",
     export: Annotated[Path | None, typer.Option(
-        help="The export folder the ONNX runtimes run.  [default: SOURCE exported into the export cache]",
+        help="The export folder the checked ONNX runtimes run (the reference runs SOURCE).  \\[default: SOURCE "
+             "exported into the export cache]",
         show_default=False)] = None,
     prompts: Annotated[Path | None, typer.Option(
-        help="A text file with one prompt per line.  [default: 4 built-in prompts]", show_default=False)] = None,
+        help="A text file with one prompt per line.  \\[default: 4 built-in prompts]", show_default=False)] = None,
     steps: Annotated[int, typer.Option(help="Decode steps after the prefill, with the KV cache.")] = 8,
     greedy_tokens: Annotated[int, typer.Option(help="Tokens each runtime generates greedily on its own.")] = 32,
     tol: Annotated[list[str] | None, typer.Option(
-        "--tol", help="METRIC=VALUE: a tolerance in place of the precision's default; repeatable.",
+        "--tol", help="METRIC=VALUE: a tolerance in place of the precision's default; repeatable. METRIC: max_abs, "
+                      "mean_abs, max_rel, cosine, top1, flip_lead, top5, kv_max_abs, nonfinite, greedy.",
         show_default=False)] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file.",
                                                    show_default=False)] = None,
     device: Annotated[str | None, typer.Option(
-        help="Device of the checkpoint runtimes (torch): cpu or cuda[:N].  [default: cpu]", show_default=False)] = None,
+        help="Device of the checkpoint runtimes (torch): cpu or cuda\\[:N].  \\[default: cpu]",
+        show_default=False)] = None,
     random: RandomOpt = False,
     seed: SeedOpt = 0,
 ):

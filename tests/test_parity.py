@@ -336,3 +336,10 @@ def test_gpt2_size_torch_and_ort_fp32(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     (ort,) = json.loads((tmp_path / "report.json").read_text())["runtimes"]
     assert ort["passed"] and ort["greedy"]["agreeing"] == [32] * 4
+
+
+def test_help_names_every_metric():
+    result = gptdeploy("parity", "--help")
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())
+    assert all(name in help_text for name in METRICS), help_text
