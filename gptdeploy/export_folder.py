@@ -12,6 +12,9 @@ This is public API that other apps build on; change it only deliberately (and sa
       gpt2.tiktoken | meta.pkl   the tokenizer
       gptdeploy.json             the manifest: source and hash, versions, opset, precision, IO signature,
                                  sha256 of every file, validation results
+      onnx/model_fused.onnx, model_fp16.onnx, model_int8.onnx, model_q4.onnx
+                                 optional ONNX Runtime variants of model.onnx (gptdeploy optimize;
+                                 exporters.ort_optimize), listed in the manifest's "variants"
 
 Inputs of onnx/model.onnx: input_ids int64 [batch, sequence_length]; attention_mask int64
 [batch, past_sequence_length + sequence_length]; position_ids int64 [batch, sequence_length];
@@ -45,6 +48,41 @@ BATCH = "batch_size"
 SEQUENCE = "sequence_length"
 PAST_SEQUENCE = "past_sequence_length"
 TOTAL_SEQUENCE = "past_sequence_length + sequence_length"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An ONNX Runtime-specific variant of onnx/model.onnx (written by gptdeploy optimize)."""
+
+    name: str
+    file: str
+    precision: str  # of the weights that matter: fp32, fp16, int8 or int4
+    summary: str
+
+
+# ONNX Runtime variants of the decoder with KV cache, named after transformers.js' dtype suffixes where
+# one exists (model_fp16, model_int8, model_q4). They hold com.microsoft operators, so only ONNX Runtime
+# runs them; model.onnx stays the portable graph.
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant("fp32-fused", "onnx/model_fused.onnx", "fp32", "fused operators, fp32 weights (CPU)"),
+        Variant("fp16", "onnx/model_fp16.onnx", "fp16", "fused operators, fp16 weights and KV cache (CUDA)"),
+        Variant("int8", "onnx/model_int8.onnx", "int8", "fused operators, 8-bit block-quantized weights (CPU)"),
+        Variant("q4", "onnx/model_q4.onnx", "int4", "fused operators, 4-bit block-quantized weights (CPU)"),
+    ]
+}
+# The precision names that stand for a variant (gptdeploy generate/parity/bench --precision int8).
+VARIANT_OF_PRECISION = {"int8": "int8", "int4": "q4", "q4": "q4", "fp32-fused": "fp32-fused"}
+# How a variant's KV cache is passed (the manifest's variants.<name>.kv_cache):
+# KV_CONCAT: as in model.onnx, present = past + this step's keys/values, a new tensor each step.
+# KV_SHARED_BUFFER: the past may be a preallocated buffer longer than the cache (its length is the
+#   attention mask's minus sequence_length); binding the same buffer as the present makes ONNX Runtime
+#   write the step's keys/values into it in place. Fed a past of exactly the cache's length, it
+#   behaves as KV_CONCAT.
+KV_CONCAT, KV_SHARED_BUFFER = "concat", "shared-buffer"
+# An optional int64 scalar input of the variants: the logits of the last N positions only (0: all).
+LOGITS_TO_KEEP = "num_logits_to_keep"
 
 
 def graph_file(role: str, precision: str = "fp32") -> str:
@@ -104,6 +142,21 @@ class ExportFolder:
     def graph_path(self, role: str) -> Path:
         return self.path / self.manifest["graphs"][role]["file"]
 
+    @property
+    def variants(self) -> dict[str, dict]:
+        """The ONNX Runtime variants this folder holds: name -> manifest entry (file, precision, ...)."""
+        return self.manifest.get("variants", {})
+
+    def variant(self, name: str) -> dict:
+        """The manifest entry of variant `name`; one clear error if the folder does not hold it."""
+        if name not in VARIANTS:
+            raise GptDeployError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
+        if name not in self.variants:
+            held = ", ".join(self.variants) or "none"
+            raise GptDeployError(f"{self.path} has no {name} variant (it holds: {held}); add it with: "
+                                 f"gptdeploy optimize {self.path} --variants {name}")
+        return self.variants[name]
+
     def tokenizer(self) -> Tokenizer:
         spec = self.manifest["tokenizer"]
         file = self.path / spec["file"]
@@ -135,4 +188,7 @@ def read_export(path: str | Path) -> ExportFolder:
     for role in manifest["graphs"]:
         if not folder.graph_path(role).is_file():
             raise GptDeployError(f"{path} is incomplete: {manifest['graphs'][role]['file']} is missing")
+    for name, entry in folder.variants.items():
+        if not (path / entry["file"]).is_file():
+            raise GptDeployError(f"{path} is incomplete: {entry['file']} (variant {name}) is missing")
     return folder

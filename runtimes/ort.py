@@ -1,10 +1,22 @@
 """The `ort` and `ort-cuda` runtimes: ONNX Runtime on an exported folder's decoder with KV cache.
 
-Both run onnx/model.onnx (model_fp16.onnx for fp16 exports) through IO binding: the inputs of a step
-are bound from host arrays, the present keys/values of one step are bound, as they are, as the past
-of the next, and ONNX Runtime allocates each step's outputs on the runner's device. With CUDA the KV
-cache therefore never leaves the GPU; only the small int64 inputs go up and the logits come down.
-The first step binds past tensors of length 0.
+Both run onnx/model.onnx (model_fp16.onnx for fp16 exports), or one of the folder's ONNX Runtime
+variants (gptdeploy.export_folder.VARIANTS, written by gptdeploy optimize), through IO binding.
+
+KV cache, two ways, as the graph allows (the manifest's variants.<name>.kv_cache):
+- concat (model.onnx, the fp16 variant): the present keys/values of one step are bound, as they
+  are, as the past of the next, and ONNX Runtime allocates each step's outputs on the runner's
+  device. With CUDA the cache therefore never leaves the GPU; only the small int64 inputs go up and
+  the logits come down. The first step binds past tensors of length 0. Each step copies the whole
+  cache into its present (the graph's Concat).
+- shared-buffer (the CPU variants, whose attention is GroupQueryAttention): one preallocated buffer
+  per layer and per keys/values, [batch, n_head, capacity, head_dim], bound as both past and
+  present, so ONNX Runtime writes each step's keys/values into it in place and nothing is copied
+  per step. The capacity doubles (one copy) when a step needs more, up to block_size. A cache stays
+  valid after later steps (they only write beyond its length); stepping from a cache that a later
+  step has already extended copies it into fresh buffers first.
+With a variant, generation asks for the last position's logits only (num_logits_to_keep), which
+saves the lm_head on the others during the prefill.
 
 Needs onnxruntime and numpy only (no torch, no onnx).
 """
@@ -18,7 +30,16 @@ import numpy as np
 import onnxruntime as ort
 
 from gptdeploy.errors import GptDeployError
-from gptdeploy.export_folder import WITH_PAST, ExportFolder, past_names, present_names, read_export
+from gptdeploy.export_folder import (
+    KV_CONCAT,
+    KV_SHARED_BUFFER,
+    LOGITS_TO_KEEP,
+    WITH_PAST,
+    ExportFolder,
+    past_names,
+    present_names,
+    read_export,
+)
 from runtimes.base import ModelInfo, Runner, StepOutput
 
 OPTIMIZATION_LEVELS = {
@@ -27,8 +48,10 @@ OPTIMIZATION_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+# The KV cache's dtype by the runner's precision: weight-only quantized variants keep an fp32 cache.
+KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32, "int4": np.float32}
 INPUTS = ["input_ids", "attention_mask", "position_ids"]
+MIN_KV_CAPACITY = 64  # positions of the smallest shared KV buffer
 
 
 @dataclass(frozen=True)
@@ -60,34 +83,80 @@ class OrtCache:
     length: int
 
 
+class _KvBuffers:
+    """The preallocated keys and values of a shared-buffer cache, and the IO binding that binds them.
+
+    arrays: per layer key then value, each [batch, n_head, capacity, head_dim]; the OrtValues are views
+    of them (no copy), bound as both the past and the present of every step.
+    """
+
+    def __init__(self, session: ort.InferenceSession, arrays: list[np.ndarray], past: list[str], present: list[str]):
+        self.arrays = arrays
+        self.capacity = arrays[0].shape[2]
+        self.filled = 0  # positions written by the steps so far
+        self.binding = session.io_binding()
+        self.binding.bind_output("logits", "cpu")  # first, so that get_outputs()[0] is the logits
+        for past_name, present_name, array in zip(past, present, arrays):
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            self.binding.bind_ortvalue_input(past_name, value)
+            self.binding.bind_ortvalue_output(present_name, value)
+
+
+@dataclass(frozen=True)
+class SharedCache:
+    """A shared-buffer KV cache: its first `length` positions of `buffers` (None before the first step)."""
+
+    buffers: _KvBuffers | None
+    batch: int
+    length: int
+
+
 class OrtRunner(Runner):
-    """ONNX Runtime with CPUExecutionProvider."""
+    """ONNX Runtime with CPUExecutionProvider.
+
+    variant: one of the folder's ONNX Runtime variants (gptdeploy.export_folder.VARIANTS); None runs
+    the export's own graph (onnx/model.onnx, or model_fp16.onnx for an fp16 export).
+    """
 
     name = "ort"
     provider = "CPUExecutionProvider"
     device_type = "cpu"  # where IO binding keeps the KV cache
 
     def __init__(self, folder: ExportFolder | str | Path, session_config: SessionConfig = SessionConfig(),
-                 device_id: int = 0):
+                 device_id: int = 0, *, variant: str | None = None):
         self.folder = folder if isinstance(folder, ExportFolder) else read_export(folder)
         self.info = ModelInfo.from_config(self.folder.config)
-        self.precision = self.folder.precision
+        self.variant = variant
+        if variant is None:
+            self.graph = self.folder.graph_path(WITH_PAST)
+            self.precision, self.kv_cache = self.folder.precision, KV_CONCAT
+        else:
+            entry = self.folder.variant(variant)
+            self.graph = self.folder.path / entry["file"]
+            self.precision, self.kv_cache = entry["precision"], entry["kv_cache"]
         self.session_config = session_config
         self.device_id = device_id
         self.device = "cpu" if self.device_type == "cpu" else f"{self.device_type}:{device_id}"
         self._past_names = past_names(self.info.n_layer)
         self._present_names = present_names(self.info.n_layer)
-        self.session = ort.InferenceSession(
-            str(self.folder.graph_path(WITH_PAST)), session_config.session_options(), providers=self._providers()
-        )
+        self._check_kv_cache()
+        self.session = ort.InferenceSession(str(self.graph), session_config.session_options(),
+                                            providers=self._providers())
         self._check_session()
+        self._logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
+        self._keep = {n: ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)) for n in (0, 1)}
+
+    def _check_kv_cache(self) -> None:
+        if self.kv_cache not in (KV_CONCAT, KV_SHARED_BUFFER):
+            raise GptDeployError(f"{self.graph} passes its KV cache as {self.kv_cache!r}, which this version of "
+                                 f"gptdeploy does not know")
 
     def _providers(self) -> list:
         return [self.provider]
 
     def _check_session(self) -> None:
         """The graph must follow the export folder's IO contract; one clear error if it does not."""
-        graph = self.folder.graph_path(WITH_PAST)
+        graph = self.graph
         inputs = {i.name: i.type for i in self.session.get_inputs()}
         outputs = {o.name: o.type for o in self.session.get_outputs()}
         kv_type = "tensor(float16)" if self.precision == "fp16" else "tensor(float)"
@@ -102,22 +171,34 @@ class OrtRunner(Runner):
     def describe(self) -> str:
         c = self.session_config
         threads = c.intra_op_threads or "default"
-        return f"{self.name} ({self.provider}, {self.precision}, {threads} threads, optimization {c.optimization_level})"
+        graph = f"variant {self.variant}, " if self.variant else ""
+        return (f"{self.name} ({self.provider}, {graph}{self.precision}, {threads} threads, optimization "
+                f"{c.optimization_level}, KV cache {self.kv_cache})")
 
-    def new_cache(self, batch: int) -> OrtCache:
+    def new_cache(self, batch: int) -> OrtCache | SharedCache:
+        if self.kv_cache == KV_SHARED_BUFFER:
+            return SharedCache(None, batch, 0)  # the buffers come with the first step, sized for it
         empty = np.zeros((batch, self.info.n_head, 0, self.info.head_dim), dtype=KV_DTYPES[self.precision])
         values = tuple(ort.OrtValue.ortvalue_from_numpy(empty, self.device_type, self.device_id)
                        for _ in self._past_names)
         return OrtCache(values, 0)
 
-    def cache_length(self, cache: OrtCache) -> int:
+    def cache_length(self, cache: OrtCache | SharedCache) -> int:
         return cache.length
 
-    def cache_to_numpy(self, cache: OrtCache) -> list[tuple[np.ndarray, np.ndarray]]:
-        arrays = [value.numpy() for value in cache.values]
+    def cache_to_numpy(self, cache: OrtCache | SharedCache) -> list[tuple[np.ndarray, np.ndarray]]:
+        if isinstance(cache, SharedCache):
+            if cache.buffers is None:
+                empty = np.zeros((cache.batch, self.info.n_head, 0, self.info.head_dim), KV_DTYPES[self.precision])
+                return [(empty, empty)] * self.info.n_layer
+            arrays = [a[:, :, :cache.length].copy() for a in cache.buffers.arrays]
+        else:
+            arrays = [value.numpy() for value in cache.values]
         return list(zip(arrays[0::2], arrays[1::2]))
 
-    def _step(self, input_ids, attention_mask, position_ids, cache: OrtCache, last_only) -> StepOutput:
+    def _step(self, input_ids, attention_mask, position_ids, cache: OrtCache | SharedCache, last_only) -> StepOutput:
+        if isinstance(cache, SharedCache):
+            return self._shared_step(input_ids, attention_mask, position_ids, cache, last_only)
         binding = self.session.io_binding()
         for name, array in zip(INPUTS, (input_ids, attention_mask, position_ids)):
             binding.bind_cpu_input(name, array)
@@ -127,12 +208,53 @@ class OrtRunner(Runner):
         binding.bind_output("logits", "cpu")
         for name in self._present_names:
             binding.bind_output(name, self.device_type, self.device_id)
+        if self._logits_to_keep:
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep[int(last_only)])
         self.session.run_with_iobinding(binding)
         logits, *presents = binding.get_outputs()
         logits = logits.numpy()
         if last_only:
             logits = logits[:, -1:]
         return StepOutput(logits, OrtCache(tuple(presents), cache.length + input_ids.shape[1]))
+
+    def _shared_step(self, input_ids, attention_mask, position_ids, cache: SharedCache, last_only) -> StepOutput:
+        batch, seq = input_ids.shape
+        if batch > 1 and seq > 1 and cache.length:
+            # GroupQueryAttention takes several new positions after a past for a single row only
+            return self._token_by_token(input_ids, attention_mask, position_ids, cache, last_only)
+        needed = cache.length + seq
+        buffers = cache.buffers
+        if buffers is None or buffers.filled != cache.length or buffers.capacity < needed:
+            buffers = self._new_buffers(cache, needed)
+        binding = buffers.binding
+        for name, array in zip(INPUTS, (input_ids, attention_mask, position_ids)):
+            binding.bind_cpu_input(name, array)
+        if self._logits_to_keep:
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep[int(last_only)])
+        binding.bind_output("logits", "cpu")  # a fresh logits tensor: the last one belongs to the caller
+        self.session.run_with_iobinding(binding)
+        buffers.filled = needed
+        logits = binding.get_outputs()[0].numpy()
+        return StepOutput(logits[:, -1:] if last_only else logits, SharedCache(buffers, batch, needed))
+
+    def _new_buffers(self, cache: SharedCache, needed: int) -> _KvBuffers:
+        """Buffers for `needed` positions and more (twice, up to block_size), holding the cache's positions."""
+        capacity = min(self.info.block_size, max(2 * needed, MIN_KV_CAPACITY))
+        shape = (cache.batch, self.info.n_head, capacity, self.info.head_dim)
+        arrays = [np.zeros(shape, dtype=KV_DTYPES[self.precision]) for _ in self._past_names]
+        if cache.buffers is not None:
+            for new, old in zip(arrays, cache.buffers.arrays):
+                new[:, :, :cache.length] = old[:, :, :cache.length]
+        return _KvBuffers(self.session, arrays, self._past_names, self._present_names)
+
+    def _token_by_token(self, input_ids, attention_mask, position_ids, cache: SharedCache, last_only) -> StepOutput:
+        logits = []
+        for i in range(input_ids.shape[1]):
+            out = self._shared_step(input_ids[:, i:i + 1], attention_mask[:, :cache.length + 1],
+                                    position_ids[:, i:i + 1], cache, last_only=True)
+            logits.append(out.logits)
+            cache = out.cache
+        return StepOutput(logits[-1] if last_only else np.concatenate(logits, axis=1), cache)
 
     def close(self) -> None:
         self.session = None
@@ -148,6 +270,14 @@ class OrtCudaRunner(OrtRunner):
     def _providers(self) -> list:
         # The CPU provider takes the few nodes CUDA has no kernel for (shape arithmetic).
         return [(self.provider, {"device_id": self.device_id}), "CPUExecutionProvider"]
+
+    def _check_kv_cache(self) -> None:
+        if self.kv_cache == KV_SHARED_BUFFER:
+            raise GptDeployError(
+                f"variant {self.variant} runs on the CPU only (--runtime ort): its GroupQueryAttention takes an "
+                f"attention bias (the mask of left-padded prompts), which ONNX Runtime's CUDA kernel does not; "
+                f"on CUDA run the fp16 variant or the export itself")
+        super()._check_kv_cache()
 
     def _check_session(self) -> None:
         # ONNX Runtime falls back to the CPU, with only a log line, when CUDA cannot start.

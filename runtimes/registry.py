@@ -3,6 +3,7 @@
     runner, tokenizer = open_runner("ort", "out/tiny")        # an export folder
     runner, tokenizer = open_runner("torch", "gpt2")          # anything gptdeploy.load takes
     runner, tokenizer = open_runner("ort", "gpt2")            # exported once into the export cache
+    runner, tokenizer = open_runner("ort", "gpt2", variant="q4")   # + its ONNX Runtime variant, made once
 
 Asking for a runtime this machine cannot run raises GptDeployError with one line: what is missing
 and how to install it. A new runtime is a Runner subclass in its own module plus one entry in RUNTIMES.
@@ -141,17 +142,25 @@ def open_runner(
     weights: str | None = None,
     weights_seed: int = 0,
     progress: bool = True,
+    variant: str | None = None,
 ) -> tuple[Runner, Tokenizer]:
     """A runner of runtime `name` for `source`, and the model's tokenizer.
 
     source: an export folder, or anything gptdeploy.load takes (with weights="random" and
         weights_seed for a preset's architecture with random weights).
     precision: torch: fp32 (default), fp16 or bf16. ONNX runtimes: an export folder's own precision
-        (asking for another is an error); a checkpoint is exported in it (fp32 default, or fp16).
+        (asking for another is an error); a checkpoint is exported in it (fp32 default, or fp16);
+        int8, int4 (q4) and fp32-fused stand for those variants, and fp16 for an fp32 export's fp16
+        variant.
+    variant: ort and ort-cuda: an ONNX Runtime variant of the export (gptdeploy.export_folder.VARIANTS).
+        A checkpoint's export in the export cache gets it made (and validated) once.
     device: torch: "cpu" (default), "cuda", "cuda:1", ...; ort-cuda: "cuda:N" picks the GPU.
     session_config: runtimes.ort.SessionConfig for the ONNX Runtime runners.
     """
     spec = require(name)
+    variant = _variant(name, source, precision, variant)
+    if variant is not None:
+        return _open_variant(name, source, variant, device, session_config, weights, weights_seed, progress)
     if spec.runs == CHECKPOINT:
         runner, tokenizer = _open_torch(source, precision, device, weights, weights_seed)
         if name == "hf":  # transformers' GPT-2 on the reference model's weights
@@ -171,6 +180,51 @@ def open_runner(
         loaded = load(source, weights=weights, seed=weights_seed)
         folder = read_export(cached_export(loaded, precision or "fp32", progress=progress))
     return _open_ort(name, folder, device, session_config), folder.tokenizer()
+
+
+def _variant(name: str, source, precision: str | None, variant: str | None) -> str | None:
+    """The ONNX Runtime variant that `variant` or `precision` asks for; None: the export's own graph."""
+    from gptdeploy.export_folder import VARIANT_OF_PRECISION, VARIANTS
+
+    named = VARIANT_OF_PRECISION.get(precision)
+    if variant is None and named is None and precision == "fp16" and is_export_folder(Path(source)):
+        folder = read_export(source)  # an fp32 export runs in fp16 through its fp16 variant, if it has one
+        named = "fp16" if folder.precision == "fp32" and "fp16" in folder.variants else None
+    variant = variant or named
+    if variant is None:
+        return None
+    if variant not in VARIANTS:
+        raise GptDeployError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if precision not in (None, VARIANTS[variant].precision) and named != variant:
+        raise GptDeployError(f"variant {variant} runs in {VARIANTS[variant].precision}, not {precision}")
+    if name not in ("ort", "ort-cuda"):
+        raise GptDeployError(f"variants are ONNX Runtime graphs: the {name} runtime cannot run variant {variant} "
+                             f"(use --runtime ort, or ort-cuda for fp16)")
+    return variant
+
+
+def _open_variant(name, source, variant, device, session_config, weights, weights_seed, progress):
+    from exporters.ort_optimize import ensure_variants
+    from runtimes.ort import OrtCudaRunner, OrtRunner, SessionConfig
+
+    if is_export_folder(Path(source)):
+        folder = read_export(source)
+    else:  # the checkpoint's fp32 export in the export cache, with the variant made once
+        from gptdeploy.export_cache import cached_export
+        from gptdeploy.loading import load
+
+        loaded = load(source, weights=weights, seed=weights_seed)
+        path = cached_export(loaded, "fp32", progress=progress)
+        folder = ensure_variants(path, [variant], reference=loaded.model, progress=progress)
+    session_config = session_config or SessionConfig()
+    if name == "ort":
+        if device not in (None, "cpu"):
+            raise GptDeployError(f"the ort runtime runs on the CPU; for {device!r} use --runtime ort-cuda")
+        return OrtRunner(folder, session_config, variant=variant), folder.tokenizer()
+    device = "cuda:0" if device in (None, "cuda") else device
+    if not device.startswith("cuda:") or not device[5:].isdigit():
+        raise GptDeployError(f"device {device!r}: {name} takes cuda or cuda:N")
+    return OrtCudaRunner(folder, session_config, int(device[5:]), variant=variant), folder.tokenizer()
 
 
 def _open_torch(source, precision, device, weights, weights_seed):

@@ -1,0 +1,493 @@
+"""ONNX Runtime variants of an export: fused graphs, fp16, and int8 / int4 weights, beside model.onnx.
+
+    optimize_export("gpt2-onnx", ["fp32-fused", "q4"])      # gptdeploy optimize gpt2-onnx --variants fp32-fused,q4
+
+Every variant is made from the portable onnx/model.onnx of an fp32 export, which stays as it is:
+
+1. onnxscript's ONNX Runtime fusions (onnxscript.rewriter.ort_fusions.optimize_for_ort): each
+   LayerNormalization with the residual Add before it -> SkipLayerNormalization (with the projection's
+   bias), the tanh GELU -> FastGelu (the tanh form GPT-2 was trained with; onnxruntime.transformers'
+   optimizer would turn it into the erf BiasGelu, another function), the attention ->
+   MultiHeadAttention, the lm_head on the transposed embedding -> FusedMatMul.
+2. gptdeploy's own passes (this module), on the onnx_ir graph:
+   - attention. CPU variants: each MultiHeadAttention, with the Concat of the past keys/values before
+     it, becomes one GroupQueryAttention on the packed QKV projection (no split, no transposes), whose
+     past and present may share one preallocated buffer (kv_cache "shared-buffer": nothing copied per
+     step, see runtimes.ort). The padding mask goes in as its attention bias. fp16 (for CUDA, whose
+     GroupQueryAttention takes no attention bias): a MultiHeadAttention that takes the past and
+     returns the present itself (kv_cache "concat", the contract of model.onnx).
+   - num_logits_to_keep: an optional int64 input (default 0: every position) that limits the lm_head
+     to the last positions; generation needs the last one only.
+   - quantized variants: the lm_head multiplies by its own transposed copy of the tied embedding, a
+     constant the quantizer takes (the embedding Gather keeps the fp32 table: it reads one row per token).
+3. fp16: onnxruntime.transformers.float16, the logits kept fp32 (the contract).
+   int8, q4: onnxruntime.quantization.MatMulNBitsQuantizer, round-to-nearest, blockwise along the
+   input dimension, every MatMul with constant weights, the lm_head (a third of GPT-2 small) included.
+4. Validation (exporters.validate_variants) against the reference: the PyTorch model when given, else
+   the portable model.onnx in ONNX Runtime. A variant outside its bounds is not written.
+
+Writing is atomic: the variants are saved and validated in a temporary folder inside the export, moved
+into onnx/ by rename, and the manifest (its "variants" and "files") is rewritten last, to a temporary
+file renamed over it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import datetime
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gptdeploy.errors import GptDeployError
+from gptdeploy.export_folder import (
+    KV_CONCAT,
+    KV_SHARED_BUFFER,
+    LOGITS_TO_KEEP,
+    MANIFEST,
+    VARIANTS,
+    WITH_PAST,
+    ExportFolder,
+    read_export,
+)
+
+MS_DOMAIN = "com.microsoft"
+DEFAULT_VARIANTS = ("fp32-fused", "int8", "q4")  # the CPU ones; fp16 is for CUDA (add it by name)
+# Weights above this many bytes go to <graph>.onnx_data (protobuf cannot hold a file over 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """MatMulNBits settings (onnxruntime.quantization.MatMulNBitsQuantizer), recorded in the manifest."""
+
+    bits: int
+    block_size: int = 32  # weights per scale (and zero point), along the input dimension
+    symmetric: bool = False  # False: a zero point per block too (more accurate at 4 bits)
+    # ONNX Runtime's MatMulNBits compute type on CPU: 0 unset (fp32), 1 fp32, 2 fp16, 3 bf16,
+    # 4 int8 (the activations are quantized per block too, and the products use integer dot products)
+    accuracy_level: int = 4
+
+    def check(self) -> None:
+        if self.bits not in (4, 8):
+            raise GptDeployError(f"quantization bits must be 4 or 8, not {self.bits}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise GptDeployError(f"block size must be a power of two >= 16, not {self.block_size}")
+        if self.accuracy_level not in range(5):
+            raise GptDeployError(f"accuracy level must be 0 to 4, not {self.accuracy_level}")
+
+
+DEFAULT_QUANTIZATION = {"int8": QuantSettings(bits=8), "q4": QuantSettings(bits=4)}
+
+
+@dataclass
+class OptimizeResult:
+    folder: ExportFolder  # re-read after the manifest was written
+    written: list[str]  # the variants made now
+    kept: list[str]  # the variants asked for that the folder already held
+    seconds: float
+
+
+def check_variants(names) -> list[str]:
+    """The variant names, checked (one clear error for an unknown one), in VARIANTS' order."""
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise GptDeployError(f"no variant given; choose among {', '.join(VARIANTS)}")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise GptDeployError(f"unknown variant {unknown[0]!r}; choose among {', '.join(VARIANTS)}")
+    return [n for n in VARIANTS if n in names]
+
+
+def optimize_export(folder: ExportFolder | str | Path, variants=DEFAULT_VARIANTS, *, reference=None,
+                    quantization: dict[str, QuantSettings] | None = None, force: bool = False,
+                    progress: bool = True) -> OptimizeResult:
+    """Writes the ONNX Runtime `variants` of an fp32 export folder into it (see the module docstring).
+
+    reference: the PyTorch model (gptdeploy.model.GPT) the folder was exported from, to validate
+        against; None validates against the folder's own model.onnx in ONNX Runtime.
+    quantization: per quantized variant (int8, q4), settings in place of DEFAULT_QUANTIZATION.
+    force: make again the variants the folder already holds (otherwise they are kept as they are).
+    Raises GptDeployError for a folder that is not an fp32 export, bad settings, or a variant that fails
+    its validation (then nothing is written).
+    """
+    start = time.perf_counter()
+    folder = folder if isinstance(folder, ExportFolder) else read_export(folder)
+    names = check_variants(variants)
+    if folder.precision != "fp32":
+        raise GptDeployError(f"{folder.path} is an {folder.precision} export; variants are made from an fp32 "
+                             f"export (gptdeploy export SOURCE --precision fp32), fp16 included")
+    quantization = {**DEFAULT_QUANTIZATION, **(quantization or {})}
+    for settings in quantization.values():
+        settings.check()
+    kept = [n for n in names if n in folder.variants and not force]
+    todo = [n for n in names if n not in kept]
+    if not todo:
+        return OptimizeResult(folder, [], kept, time.perf_counter() - start)
+
+    from exporters.validate_variants import bounds_for, validate_variant
+
+    steps = _Steps(progress)
+    tmp = Path(tempfile.mkdtemp(prefix=".optimize-", dir=folder.path))
+    try:
+        with steps.step(f"Fusing {folder.graph_path(WITH_PAST).relative_to(folder.path)} for ONNX Runtime"):
+            fused, fusions = _fused_graph(folder)
+        entries = {}
+        for name in todo:
+            variant = VARIANTS[name]
+            with steps.step(f"Writing {variant.file} ({variant.summary})"):
+                model, quant = _variant_model(fused, name, folder.config, quantization.get(name))
+                external = _save(model, tmp / variant.file)
+                operators = _operator_counts(model)
+                del model
+            entry = {
+                "file": variant.file, "external_data": external, "precision": variant.precision,
+                "base": folder.manifest["graphs"][WITH_PAST]["file"],
+                "kv_cache": KV_CONCAT if name == "fp16" else KV_SHARED_BUFFER,
+                "execution_providers": ["CUDAExecutionProvider"] if name == "fp16" else ["CPUExecutionProvider"],
+                "optional_inputs": {LOGITS_TO_KEEP: "int64 scalar: logits of the last N positions only; 0 (the "
+                                                    "default): every position"},
+                "fusions": {k: v for k, v in fusions.items() if v},
+                "operators": operators,
+                "fused_operators": {k: v for k, v in operators.items() if k.startswith(MS_DOMAIN)},
+                "quantization": quant,
+            }
+            with steps.step(f"Validating {variant.file} in ONNX Runtime against the "
+                            f"{'PyTorch model' if reference is not None else 'portable model.onnx'}"):
+                report = validate_variant(tmp, folder, name, entry, reference, bounds_for(name))
+            if not report["passed"]:
+                raise GptDeployError(f"variant {name} failed validation, nothing written: {report['failures']}")
+            entry["validation"] = report
+            entries[name] = entry
+        _move_into_place(tmp, folder, entries)
+    except OSError as e:
+        raise GptDeployError(f"cannot write the variants into {folder.path}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return OptimizeResult(read_export(folder.path), todo, kept, time.perf_counter() - start)
+
+
+def ensure_variants(path: str | Path, variants, *, reference=None, progress: bool = True) -> ExportFolder:
+    """The export folder at `path`, with `variants` made now if it lacks them (the export cache's way)."""
+    return optimize_export(path, variants, reference=reference, progress=progress).folder
+
+
+# ---------------------------------------------------------------------------------------------------
+# The graphs
+
+
+def _fused_graph(folder: ExportFolder):
+    """model.onnx with onnxscript's ONNX Runtime fusions; and the count of each fusion."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model = ir.load(folder.graph_path(WITH_PAST))
+    with _quiet():
+        model, counts = optimize_for_ort(model)
+    return model, dict(counts)
+
+
+def _variant_model(fused, name: str, config: dict, quant: QuantSettings | None):
+    """The variant's graph (an onnx_ir model), from a copy of the fused graph; and its quantization entry."""
+    import onnx_ir as ir
+
+    model = ir.from_proto(ir.to_proto(fused))  # a deep copy: each variant rewrites its own
+    n_head = config["n_head"]
+    if name == "fp16":
+        _attention_with_past(model, n_head)
+    else:
+        _group_query_attention(model, n_head)
+    _add_logits_to_keep(model)
+    if name == "fp16":
+        return _to_fp16(model), None
+    if name == "fp32-fused":
+        return model, None
+    _untie_lm_head(model)
+    return _quantize(model, quant), {
+        "method": "MatMulNBits, round to nearest (onnxruntime.quantization.MatMulNBitsQuantizer)",
+        **asdict(quant), "weights": "every MatMul with constant weights, the lm_head included",
+        "kept_fp32": "embeddings (the Gathers), LayerNorms, biases, the KV cache, activations between operators",
+    }
+
+
+def _graph_values(graph):
+    return {v.name: v for v in graph.inputs}, {v.name: v for v in graph.outputs}
+
+
+def _present_of(value, outputs: dict):
+    """The graph output (present.N.key/value) that `value` was reshaped or transposed from."""
+    while value.name not in outputs:
+        producer = value.producer()
+        if producer is None or producer.op_type not in ("Reshape", "Transpose"):
+            raise GptDeployError(f"unexpected attention graph: {value.name} does not come from a present output")
+        value = producer.inputs[0]
+    return value
+
+
+def _fused_attentions(model):
+    """Each MultiHeadAttention of the fused graph: (node, packed qkv, its Split, past k/v, old present k/v)."""
+    _, outputs = _graph_values(model.graph)
+    found = []
+    for node in model.graph:
+        if node.op_type != "MultiHeadAttention" or node.domain != MS_DOMAIN:
+            continue
+        query, key, value = node.inputs[:3]
+        split = query.producer()
+        if split is None or split.op_type != "Split" or split.outputs[0] is not query or len(split.outputs) != 3:
+            raise GptDeployError(f"unexpected attention graph: the query of {node.name} is not a QKV split")
+        presents = [_present_of(v, outputs) for v in (key, value)]
+        concats = [p.producer() for p in presents]
+        if any(c is None or c.op_type != "Concat" for c in concats):
+            raise GptDeployError(f"unexpected attention graph: {presents[0].name} is not a concatenation")
+        found.append((node, split.inputs[0], split, [c.inputs[0] for c in concats], presents))
+    if not found:
+        raise GptDeployError("onnxscript fused no attention in model.onnx; cannot build the variant")
+    return found
+
+
+def _replace_presents(graph, old: list, new: list) -> None:
+    """The graph outputs present.N.* become `new`, under the same names (the old values are renamed)."""
+    for old_value, new_value in zip(old, new):
+        index = list(graph.outputs).index(old_value)
+        name = old_value.name
+        old_value.name = f"{name}_replaced"
+        new_value.name = name
+        new_value.dtype = old_value.dtype
+        new_value.shape = old_value.shape
+        graph.outputs[index] = new_value
+
+
+def _group_query_attention(model, n_head: int) -> None:
+    """Each fused attention -> GroupQueryAttention on the packed QKV, its past/present able to share a buffer.
+
+    GroupQueryAttention wants the total length (the attention mask's) and, per row, that length - 1
+    (rows are left-padded to a common length; the padding is masked by the attention bias).
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    inputs, _ = _graph_values(graph)
+    total_64 = ir.node("Shape", [inputs["attention_mask"]], {"start": 1, "end": 2})
+    total_32 = ir.node("Cast", [total_64.outputs[0]], {"to": ir.DataType.INT32})
+    total = ir.node("Reshape", [total_32.outputs[0], _constant(graph, "gqa_scalar_shape", np.array([], np.int64))])
+    last = ir.node("Sub", [total.outputs[0], _constant(graph, "gqa_one", np.array(1, np.int32))])
+    batch = ir.node("Shape", [inputs["input_ids"]], {"start": 0, "end": 1})
+    seqlens_k = ir.node("Expand", [last.outputs[0], batch.outputs[0]])
+    graph.insert_before(next(iter(graph)), [total_64, total_32, total, last, batch, seqlens_k])
+    for node, qkv, _split, (past_k, past_v), presents in _fused_attentions(model):
+        bias = node.inputs[5]
+        gqa = ir.node("GroupQueryAttention",
+                      [qkv, None, None, past_k, past_v, seqlens_k.outputs[0], total.outputs[0], None, None, None, bias],
+                      {"num_heads": n_head, "kv_num_heads": n_head}, domain=MS_DOMAIN, num_outputs=3)
+        graph.insert_before(node, gqa)
+        ir.convenience.replace_all_uses_with(node.outputs[0], gqa.outputs[0])
+        _replace_presents(graph, presents, gqa.outputs[1:])
+        graph.remove(node, safe=True)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+
+
+def _attention_with_past(model, n_head: int) -> None:
+    """Each fused attention -> MultiHeadAttention that takes the past and returns the present itself."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    for node, _qkv, split, (past_k, past_v), presents in _fused_attentions(model):
+        query, key, value = split.outputs
+        mha = ir.node("MultiHeadAttention", [query, key, value, None, None, node.inputs[5], past_k, past_v],
+                      {"num_heads": n_head}, domain=MS_DOMAIN, num_outputs=3)
+        graph.insert_before(node, mha)
+        ir.convenience.replace_all_uses_with(node.outputs[0], mha.outputs[0])
+        _replace_presents(graph, presents, mha.outputs[1:])
+        graph.remove(node, safe=True)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+
+
+def _logits_node(graph):
+    logits = next(v for v in graph.outputs if v.name == "logits")
+    return logits.producer()
+
+
+def _add_logits_to_keep(model) -> None:
+    """num_logits_to_keep: an input with a default (an initializer of the same name), 0 = every position.
+
+    The lm_head reads hidden[:, -num_logits_to_keep:] (Slice from -0 = 0 keeps them all).
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    head = _logits_node(graph)
+    keep = ir.val(LOGITS_TO_KEEP, ir.DataType.INT64, ir.Shape([]),
+                  const_value=ir.tensor(np.array(0, np.int64), name=LOGITS_TO_KEEP))
+    graph.inputs.append(keep)
+    graph.register_initializer(keep)
+    start = ir.node("Neg", [keep])
+    starts = ir.node("Unsqueeze", [start.outputs[0], _constant(graph, "logits_axes_0", np.array([0], np.int64))])
+    kept = ir.node("Slice", [head.inputs[0], starts.outputs[0],
+                             _constant(graph, "logits_slice_end", np.array([np.iinfo(np.int64).max], np.int64)),
+                             _constant(graph, "logits_axes_1", np.array([1], np.int64))])
+    graph.insert_before(head, [start, starts, kept])
+    head.replace_input_with(0, kept.outputs[0])
+    logits = head.outputs[0]
+    logits.shape = ir.Shape([logits.shape[0], "logits_length", logits.shape[2]])
+
+
+def _untie_lm_head(model) -> None:
+    """lm_head: FusedMatMul(x, embedding, transB) -> MatMul(x, a transposed copy), which the quantizer takes."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    head = _logits_node(graph)
+    if head.op_type == "MatMul" and head.inputs[1].const_value is not None:
+        return
+    weight = head.inputs[1].const_value
+    if head.op_type != "FusedMatMul" or weight is None or head.attributes.get_int("transB", 0) != 1:
+        raise GptDeployError(f"unexpected lm_head: {head.op_type} on {head.inputs[1].name}")
+    transposed = _constant(graph, "lm_head.weight.T", np.ascontiguousarray(weight.numpy().T))
+    matmul = ir.node("MatMul", [head.inputs[0], transposed])
+    graph.insert_before(head, matmul)
+    ir.convenience.replace_all_uses_with(head.outputs[0], matmul.outputs[0], replace_graph_outputs=True)
+    matmul.outputs[0].name, matmul.outputs[0].shape = "logits", head.outputs[0].shape
+    matmul.outputs[0].dtype = head.outputs[0].dtype
+    graph.remove(head, safe=True)
+
+
+def _constant(graph, name: str, array: np.ndarray):
+    import onnx_ir as ir
+
+    value = ir.val(name, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _to_fp16(model):
+    """Weights and activations in fp16; the logits stay fp32 (a Cast at the end), the KV cache is fp16."""
+    import onnx_ir as ir
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with _quiet():
+        proto = convert_float_to_float16(ir.to_proto(model), keep_io_types=["logits"], disable_shape_infer=True)
+    return ir.from_proto(proto)
+
+
+def _quantize(model, quant: QuantSettings):
+    import onnx_ir as ir
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    # the quantizer's module calls logging.basicConfig(level=INFO) when imported: undo that
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.handlers[:], root.level = handlers, level
+    quantizer = MatMulNBitsQuantizer(ir.to_proto(model), bits=quant.bits, block_size=quant.block_size,
+                                     is_symmetric=quant.symmetric, accuracy_level=quant.accuracy_level,
+                                     op_types_to_quantize=("MatMul",))
+    with _quiet():
+        quantizer.process()
+    return ir.from_proto(quantizer.model.model)
+
+
+def _operator_counts(model) -> dict[str, int]:
+    counts = collections.Counter(f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in model.graph)
+    return dict(sorted(counts.items()))
+
+
+def _save(model, path: Path) -> str | None:
+    """Saves the graph; weights past EXTERNAL_DATA_THRESHOLD go to <name>_data beside it. Returns that file."""
+    import onnx_ir as ir
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.producer_name = "gptdeploy"
+    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if weight_bytes <= EXTERNAL_DATA_THRESHOLD:
+        ir.save(model, path)
+        return None
+    data = path.with_name(path.name + "_data")
+    ir.save(model, path, external_data=data.name)
+    return f"onnx/{data.name}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _move_into_place(tmp: Path, folder: ExportFolder, entries: dict[str, dict]) -> None:
+    """The variant files into onnx/ (renames), then the manifest, rewritten to a temporary file and renamed."""
+    import onnxruntime
+    import onnxscript
+
+    moved = []
+    for entry in entries.values():
+        for relative in filter(None, (entry["file"], entry["external_data"])):
+            os.replace(tmp / relative, folder.path / relative)
+            moved.append(relative)
+    manifest = copy.deepcopy(folder.manifest)
+    manifest.setdefault("variants", {}).update(entries)
+    manifest["variants"] = {name: manifest["variants"][name] for name in VARIANTS if name in manifest["variants"]}
+    manifest["files"].update({relative: _sha256(folder.path / relative) for relative in moved})
+    manifest["files"] = dict(sorted(manifest["files"].items()))
+    manifest["versions"] = {**manifest.get("versions", {}), "onnxruntime": onnxruntime.__version__,
+                            "onnxscript": onnxscript.__version__}
+    manifest["optimized"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    fd, tmp_manifest = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=folder.path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp_manifest, (folder.path / MANIFEST).stat().st_mode & 0o777)
+        os.replace(tmp_manifest, folder.path / MANIFEST)
+    except BaseException:
+        Path(tmp_manifest).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxscript's and ONNX Runtime's quantizer's progress logs and warnings would bury ours."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnxruntime.quantization", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+class _Steps:
+    """Status lines on stderr for the long steps: a spinner while one runs, its time when done."""
+
+    def __init__(self, enabled: bool):
+        from rich.console import Console
+
+        self.console = Console(stderr=True) if enabled else None
+
+    @contextlib.contextmanager
+    def step(self, what: str):
+        if self.console is None:
+            yield
+            return
+        start = time.perf_counter()
+        with self.console.status(f"{what} ..."):
+            yield
+        self.console.print(f"[green]✓[/green] {what} ({time.perf_counter() - start:.1f} s)")
