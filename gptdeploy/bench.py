@@ -56,7 +56,10 @@ from gptdeploy.export_folder import is_export_folder, read_export
 
 REPORT_FORMAT = "gptdeploy-bench"
 REPORT_VERSION = 1
-PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+# Bytes per weight. int8 and int4 (the ONNX Runtime variants): the quantized values plus, per block of
+# 32, an fp32 scale and a zero point (8 or 4 bits), as exporters.ort_optimize writes them by default.
+PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1 + 5 / 32, "int4": 0.5 + 4.5 / 32}
+KV_PRECISION = {"int8": "fp32", "int4": "fp32"}  # weight-only quantization keeps an fp32 KV cache
 OK, UNAVAILABLE, FAILED = "ok", "unavailable", "failed"
 Progress = Callable[[str, int], None]  # (what is running now, units of work just done)
 
@@ -84,9 +87,11 @@ class BenchSettings:
 
         if not self.runtimes:
             raise GptDeployError("no runtime given")
-        unknown = [r for r in self.runtimes if r not in RUNTIMES]
+        unknown = [split_runtime(r)[0] for r in self.runtimes if split_runtime(r)[0] not in RUNTIMES]
         if unknown:
             raise GptDeployError(f"unknown runtime {unknown[0]!r}; choose among {', '.join(RUNTIMES)}")
+        for name in self.runtimes:
+            check_runtime_variant(name)
         if len(set(self.runtimes)) != len(self.runtimes):
             raise GptDeployError(f"a runtime is named twice in {','.join(self.runtimes)}")
         if not self.batches or min(self.batches) < 1:
@@ -105,6 +110,41 @@ class BenchSettings:
         if self.ort_optimization not in OPTIMIZATION_LEVELS:
             raise GptDeployError(f"unknown graph optimization level {self.ort_optimization!r}; choose one of "
                                  f"{', '.join(OPTIMIZATION_LEVELS)}")
+
+
+def split_runtime(name: str) -> tuple[str, str | None]:
+    """"ort:q4" -> ("ort", "q4"): a runtime, and the ONNX Runtime variant of the export it runs (or None)."""
+    runtime, _, variant = name.partition(":")
+    return runtime, variant or None
+
+
+def check_runtime_variant(name: str) -> None:
+    from gptdeploy.export_folder import VARIANTS
+
+    runtime, variant = split_runtime(name)
+    if variant is None:
+        return
+    if variant not in VARIANTS:
+        raise GptDeployError(f"{name}: unknown variant {variant!r}; choose among {', '.join(VARIANTS)}")
+    if runtime not in ("ort", "ort-cuda"):
+        raise GptDeployError(f"{name}: variants are ONNX Runtime graphs, for ort and ort-cuda")
+
+
+def expand_variants(runtimes: tuple[str, ...], variants: str | None) -> tuple[str, ...]:
+    """--variant V1,V2: each ort / ort-cuda runtime becomes RUNTIME:V1, RUNTIME:V2 ("export": the export's
+    own graph, the runtime's plain name)."""
+    if variants is None:
+        return runtimes
+    chosen = [v.strip() for v in variants.split(",") if v.strip()]
+    if not chosen:
+        raise GptDeployError("--variant names no variant")
+    expanded = []
+    for name in runtimes:
+        if name not in ("ort", "ort-cuda"):
+            expanded.append(name)
+            continue
+        expanded += [name if v == "export" else f"{name}:{v}" for v in chosen]
+    return tuple(expanded)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,12 +169,12 @@ class ModelUnderTest:
     def weight_bytes_per_step(self, precision: str) -> int:
         """Bytes of weights a decode step reads: all but the position table, of which it reads one row."""
         n = self.config["n_embd"]
-        return (self.parameters - self.config["block_size"] * n + n) * PRECISION_BYTES[precision]
+        return round((self.parameters - self.config["block_size"] * n + n) * PRECISION_BYTES[precision])
 
     def kv_bytes(self, batch: int, length: int, precision: str) -> int:
         """Bytes of a KV cache of `length` positions (keys and values, every layer)."""
         c = self.config
-        return 2 * c["n_layer"] * batch * length * c["n_embd"] * PRECISION_BYTES[precision]
+        return 2 * c["n_layer"] * batch * length * c["n_embd"] * PRECISION_BYTES[KV_PRECISION.get(precision, precision)]
 
 
 def model_under_test(settings: BenchSettings) -> ModelUnderTest:
@@ -299,7 +339,7 @@ def _open_timed(settings: BenchSettings, name: str, device: str | None, export_f
     from runtimes.registry import CHECKPOINT, RUNTIMES, open_runner
 
     setup: dict[str, float] = {}
-    if RUNTIMES[name].runs == CHECKPOINT:
+    if RUNTIMES[split_runtime(name)[0]].runs == CHECKPOINT:
         import torch
 
         torch.set_num_threads(settings.threads)
@@ -316,14 +356,17 @@ def _open_timed(settings: BenchSettings, name: str, device: str | None, export_f
         ensure_engines(read_export(export_folder))
         setup["engine_build_s"] = time.perf_counter() - start
     session_config = SessionConfig(intra_op_threads=settings.threads, optimization_level=settings.ort_optimization)
+    runtime, variant = split_runtime(name)
     start = time.perf_counter()
-    runner, tokenizer = open_runner(name, export_folder, device=device, session_config=session_config)
+    runner, tokenizer = open_runner(runtime, export_folder, device=device, session_config=session_config,
+                                    variant=variant)
     setup["session_s"] = time.perf_counter() - start
     return runner, tokenizer, setup
 
 
 def export_for_bench(settings: BenchSettings, precision: str) -> dict:
-    """The source exported to ONNX (or found in the export cache), with the time each part took."""
+    """The source exported to ONNX (or found in the export cache), with the ONNX Runtime variants the
+    runtimes name (made once, validated against the model), and the time each part took."""
     from gptdeploy.export_cache import cached_export, cached_export_path
     from gptdeploy.loading import load
 
@@ -336,7 +379,14 @@ def export_for_bench(settings: BenchSettings, precision: str) -> dict:
     folder = cached_export(loaded, precision, progress=False)
     export_s = time.perf_counter() - start
     reused = before is not None and read_export(folder).manifest.get("created") == before
-    return {"folder": str(folder), "load_s": load_s, "export_s": export_s, "export_reused": reused}
+    result = {"folder": str(folder), "load_s": load_s, "export_s": export_s, "export_reused": reused}
+    variants = [v for v in dict.fromkeys(split_runtime(n)[1] for n in settings.runtimes) if v]
+    if variants:
+        from exporters.ort_optimize import optimize_export
+
+        optimized = optimize_export(folder, variants, reference=loaded.model, progress=False)
+        result |= {"optimize_s": optimized.seconds, "variants_reused": not optimized.written}
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -424,6 +474,7 @@ def _run(settings: BenchSettings, target: str, args: tuple, progress: Progress) 
 def _runtime_device(name: str, settings: BenchSettings) -> str | None:
     from runtimes.registry import CHECKPOINT, RUNTIMES
 
+    name = split_runtime(name)[0]
     if RUNTIMES[name].runs == CHECKPOINT:
         if settings.device:
             return settings.device
@@ -438,6 +489,7 @@ def _runtime_device(name: str, settings: BenchSettings) -> str | None:
 def _unavailable_reason(name: str, model: ModelUnderTest) -> str | None:
     from runtimes.registry import CHECKPOINT, RUNTIMES
 
+    name, variant = split_runtime(name)
     spec = RUNTIMES[name]
     missing = spec.missing()
     if missing:
@@ -448,6 +500,10 @@ def _unavailable_reason(name: str, model: ModelUnderTest) -> str | None:
         return f"runs a checkpoint, and {model.export_folder} is an export folder (ONNX graphs only)"
     if spec.runs != CHECKPOINT and model.precision not in ("fp32", "fp16"):
         return f"ONNX exports are fp32 or fp16, not {model.precision}"
+    if variant and model.precision != "fp32":
+        return f"variants are made from fp32 exports; this one is {model.precision}"
+    if variant and model.export_folder and variant not in read_export(model.export_folder).variants:
+        return f"{model.export_folder} has no {variant} variant (gptdeploy optimize adds it)"
     return None
 
 
@@ -514,8 +570,10 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
         try:
             rows[name] = _run(settings_used, "measure", (settings_used, name, device, folder), step)
             if _needs_export(name) and "load_s" in export:
+                optimized = {"optimize_s": export["optimize_s"], "variants_reused": export["variants_reused"]} \
+                    if split_runtime(name)[1] and "optimize_s" in export else {}
                 rows[name]["setup"] = {"load_s": export["load_s"], "export_s": export["export_s"],
-                                       "export_reused": export["export_reused"], **rows[name]["setup"]}
+                                       "export_reused": export["export_reused"], **optimized, **rows[name]["setup"]}
             progress.finish(name, OK)
         except _ChildFailed as e:
             rows[name] = e.row(name)
@@ -541,7 +599,7 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
 def _needs_export(name: str) -> bool:
     from runtimes.registry import CHECKPOINT, RUNTIMES
 
-    return RUNTIMES[name].runs != CHECKPOINT
+    return RUNTIMES[split_runtime(name)[0]].runs != CHECKPOINT
 
 
 def _add_comparisons(runtimes: list[dict], model: ModelUnderTest, prompt_len: int, bandwidth: dict) -> str | None:

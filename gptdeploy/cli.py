@@ -45,6 +45,11 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export folder.")] = False,
     trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines into the folder (default "
                                       "profiles; gptdeploy build-engine DIR chooses others).")] = False,
+    optimize: Annotated[bool, typer.Option("--optimize", help="Also write ONNX Runtime variants beside model.onnx "
+                                           "(gptdeploy optimize; --variants picks them).")] = False,
+    variants: Annotated[str | None, typer.Option(
+        help="With --optimize: the variants, comma-separated, of fp32-fused, fp16, int8, q4.  \\[default: "
+             "fp32-fused,int8,q4]", show_default=False)] = None,
 ):
     """Export to an ONNX model folder (graphs with and without KV cache), validated in ONNX Runtime."""
     from exporters.onnx_export import (
@@ -56,6 +61,7 @@ def export(
     check_precision(precision)  # bad arguments fail before the model loads
     check_opset(DEFAULT_OPSET if opset is None else opset)
     check_destination(out.absolute(), force)
+    chosen_variants = _check_optimize_options(optimize, variants, precision)
     if trt:
         from exporters.tensorrt import tensorrt_missing
 
@@ -71,12 +77,65 @@ def export(
           f"(bound {v.bound:.2g}), top-1 agreement {v.top1_agreement:.1%} ({v.decisive_top1_agreement:.1%} where the "
           f"reference's lead exceeds the bound)")
     print(f"Exported {source} ({precision}, opset {result.manifest['opset']}) in {result.seconds:.1f} s")
+    if optimize:
+        from exporters.ort_optimize import optimize_export
+
+        _print_variants(optimize_export(out, chosen_variants, reference=loaded.model))
     if trt:
         from exporters.tensorrt import ensure_engines
         from gptdeploy.export_folder import read_export
 
         for name, path in ensure_engines(read_export(out)).items():
             print(f"TensorRT {name} engine: {path}")
+
+
+def _check_optimize_options(optimize: bool, variants: str | None, precision: str) -> list[str] | None:
+    from exporters.ort_optimize import DEFAULT_VARIANTS, check_variants
+
+    if not optimize:
+        if variants is not None:
+            raise GptDeployError("--variants goes with --optimize")
+        return None
+    if precision != "fp32":
+        raise GptDeployError("--optimize makes its variants (fp16 included) from an fp32 export; drop --precision")
+    return check_variants(variants.split(",") if variants is not None else DEFAULT_VARIANTS)
+
+
+def _print_variants(result) -> None:
+    """One line per variant: file, size, what it holds, its validation."""
+    for name, entry in result.folder.variants.items():
+        if name not in result.written + result.kept:
+            continue
+        v = entry["validation"]
+        fused = ", ".join(f"{op.rsplit('.', 1)[-1]} {n}" for op, n in entry["fused_operators"].items())
+        size = (result.folder.path / entry["file"]).stat().st_size / 1e6
+        status = "kept (already there; --force makes it again)" if name in result.kept else "wrote"
+        print(f"{name}: {status} {entry['file']} ({size:.0f} MB; {fused}); vs {v['reference']}: max |logits diff| "
+              f"{v['max_abs_diff']:.2g}, top-1 agreement {v['top1_agreement']:.1%}")
+    if result.written:
+        print(f"Optimized in {result.seconds:.1f} s")
+
+
+@app.command()
+def optimize(
+    folder: Annotated[Path, typer.Argument(help="An fp32 export folder (gptdeploy export).")],
+    variants: Annotated[str, typer.Option(
+        help="Variants to write, comma-separated: fp32-fused (CPU), fp16 (CUDA), int8 (CPU), q4 (CPU).")
+    ] = "fp32-fused,int8,q4",
+    block_size: Annotated[int, typer.Option(help="int8 and q4: weights per quantization block (scale, zero "
+                                            "point).")] = 32,
+    accuracy_level: Annotated[int, typer.Option(
+        help="int8 and q4: MatMulNBits compute type on CPU: 4 int8 dot products (fastest), 1 fp32.")] = 4,
+    symmetric: Annotated[bool, typer.Option("--symmetric", help="int8 and q4: no zero points.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write again the variants the folder holds.")] = False,
+):
+    """Add ONNX Runtime variants (fused, fp16, int8, int4) beside onnx/model.onnx, each validated."""
+    from exporters.ort_optimize import QuantSettings, check_variants, optimize_export
+
+    names = check_variants(variants.split(","))
+    quantization = {name: QuantSettings(bits=bits, block_size=block_size, symmetric=symmetric,
+                                        accuracy_level=accuracy_level) for name, bits in (("int8", 8), ("q4", 4))}
+    _print_variants(optimize_export(folder, names, quantization=quantization, force=force))
 
 
 def _range_opt(kind: str, point: str, what: str):
@@ -146,7 +205,7 @@ def info(source: SourceArg, random: RandomOpt = False, seed: SeedOpt = 0):
 def generate(
     source: Annotated[str, typer.Argument(help="An export folder, or a preset, Hugging Face folder or nanoGPT ckpt.pt.")],
     runtime: Annotated[str | None, typer.Option(
-        help="torch, ort or ort-cuda (default: ort for an export folder, torch otherwise).")] = None,
+        help="torch, ort or ort-cuda (default: ort for an export folder or a variant, torch otherwise).")] = None,
     prompt: Annotated[list[str] | None, typer.Option(
         help="Prompt text; repeat for a batch. Empty: start from end-of-text.")] = None,
     prompt_ids: Annotated[str | None, typer.Option(help="The prompt as comma-separated token ids.")] = None,
@@ -158,7 +217,11 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Sampling seed (default: a fresh one, shown by --json).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print ids, text and timings as JSON.")] = False,
     precision: Annotated[str | None, typer.Option(
-        help="torch: fp32, fp16, bf16; ONNX: the export's (fp32 or fp16).")] = None,
+        help="torch: fp32, fp16, bf16; ONNX: the export's (fp32 or fp16), or int8, int4 (q4) for those variants.")
+    ] = None,
+    variant: Annotated[str | None, typer.Option(
+        help="ort, ort-cuda: an ONNX Runtime variant of the export (fp32-fused, fp16, int8, q4; gptdeploy optimize).",
+        show_default=False)] = None,
     device: Annotated[str | None, typer.Option(help="torch: cpu or cuda[:N]; ort-cuda: cuda:N.")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0: its default).")] = 0,
     random: RandomOpt = False,
@@ -169,7 +232,7 @@ def generate(
     import secrets
     import time
 
-    from gptdeploy.export_folder import is_export_folder
+    from gptdeploy.export_folder import VARIANT_OF_PRECISION, is_export_folder
     from gptdeploy.generation import GenerationConfig, TextStream, prepare_prompts
     from gptdeploy.generation import generate as run_generation
     from runtimes.ort import SessionConfig
@@ -191,11 +254,12 @@ def generate(
                               seed=secrets.randbits(32) if seed is None and not greedy else seed)
     config.check()  # bad options fail before a model is loaded
 
-    runtime = runtime or ("ort" if is_export_folder(source) else "torch")
+    onnx_only = variant is not None or precision in VARIANT_OF_PRECISION
+    runtime = runtime or ("ort" if is_export_folder(source) or onnx_only else "torch")
     start = time.perf_counter()
     runner, tokenizer = open_runner(runtime, source, precision=precision, device=device,
                                     session_config=SessionConfig(intra_op_threads=threads),
-                                    weights="random" if random else None, weights_seed=weights_seed)
+                                    weights="random" if random else None, weights_seed=weights_seed, variant=variant)
     load_s = time.perf_counter() - start
     prompt_rows = prepare_prompts(tokenizer, prompts, runner.info.vocab_size, runner.info.block_size, max_new_tokens)
 
@@ -305,7 +369,8 @@ def _int_list(option: str, text: str) -> tuple[int, ...]:
 def bench(
     source: Annotated[str, typer.Argument(help="A preset, Hugging Face folder or nanoGPT ckpt.pt; or an export folder.")],
     runtime: Annotated[str, typer.Option(
-        help="Runtimes to measure, comma-separated: hf, torch, ort, ort-cuda, trt, ort-trt.")] = "hf,torch,ort",
+        help="Runtimes to measure, comma-separated: hf, torch, ort, ort-cuda, trt, ort-trt; ort:VARIANT runs an ONNX "
+             "Runtime variant (ort:q4).")] = "hf,torch,ort",
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1",
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens per row.")] = 128,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per row (the first by the prefill).")] = 128,
@@ -321,6 +386,10 @@ def bench(
              "sees a GPU, else cpu]", show_default=False)] = None,
     optimization: Annotated[str, typer.Option(
         help="ONNX Runtime graph optimization level: disable, basic, extended, all.")] = "all",
+    variant: Annotated[str | None, typer.Option(
+        help="ort and ort-cuda run each of these ONNX Runtime variants, comma-separated (export: the export's own "
+             "graph), e.g. export,fp32-fused,int8,q4; a checkpoint's export gets them made once.",
+        show_default=False)] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file.",
                                                    show_default=False)] = None,
     random: RandomOpt = False,
@@ -331,11 +400,12 @@ def bench(
     Exit code 0 when every available runtime was measured (unavailable ones are listed with the
     reason), 1 when one failed, 2 for bad input.
     """
-    from gptdeploy.bench import FAILED, BenchSettings, run_bench, write_json
+    from gptdeploy.bench import FAILED, BenchSettings, expand_variants, run_bench, write_json
     from gptdeploy.bench_report import RichProgress, print_report
 
+    runtimes = expand_variants(tuple(r.strip() for r in runtime.split(",") if r.strip()), variant)
     settings = BenchSettings(
-        source, tuple(r.strip() for r in runtime.split(",") if r.strip()), batches=_int_list("--batch", batch),
+        source, runtimes, batches=_int_list("--batch", batch),
         prompt_len=prompt_len, new_tokens=new_tokens, warmup=warmup, repeat=repeat, threads=threads,
         precision=precision, device=device, ort_optimization=optimization, random_weights=random, seed=seed,
     )
