@@ -415,12 +415,13 @@ def run_parity(source: str, targets: Sequence[Target], *, reference: Target = Ta
 
 
 def _progress(enabled: bool):
-    """A progress bar on stderr (silent when disabled)."""
+    """A progress bar on stderr; silent when disabled or when stderr is not a terminal (a log file)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True, disable=not enabled)
+                    console=console, transient=True, disable=not (enabled and console.is_terminal))
 
 
 # --- the report ---
