@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import datetime
 import hashlib
 import json
@@ -147,7 +146,7 @@ def optimize_export(folder: ExportFolder | str | Path, variants=DEFAULT_VARIANTS
         for name in todo:
             variant = VARIANTS[name]
             with steps.step(f"Writing {variant.file} ({variant.summary})"):
-                model, quant = _variant_model(fused, name, folder.config, quantization.get(name))
+                model, passes, quant = _variant_model(fused, name, folder.config, quantization.get(name))
                 external = _save(model, tmp / variant.file)
                 operators = _operator_counts(model)
                 del model
@@ -158,7 +157,8 @@ def optimize_export(folder: ExportFolder | str | Path, variants=DEFAULT_VARIANTS
                 "execution_providers": ["CUDAExecutionProvider"] if name == "fp16" else ["CPUExecutionProvider"],
                 "optional_inputs": {LOGITS_TO_KEEP: "int64 scalar: logits of the last N positions only; 0 (the "
                                                     "default): every position"},
-                "fusions": {k: v for k, v in fusions.items() if v},
+                "fusions": {k: v for k, v in fusions.items() if v},  # onnxscript's
+                "passes": passes,  # gptdeploy's, after them
                 "operators": operators,
                 "fused_operators": {k: v for k, v in operators.items() if k.startswith(MS_DOMAIN)},
                 "quantization": quant,
@@ -199,22 +199,28 @@ def _fused_graph(folder: ExportFolder):
 
 
 def _variant_model(fused, name: str, config: dict, quant: QuantSettings | None):
-    """The variant's graph (an onnx_ir model), from a copy of the fused graph; and its quantization entry."""
+    """The variant's graph (an onnx_ir model), from a copy of the fused graph; what gptdeploy's own passes
+    did (for the manifest); and the variant's quantization entry (None for fp32-fused and fp16)."""
     import onnx_ir as ir
 
     model = ir.from_proto(ir.to_proto(fused))  # a deep copy: each variant rewrites its own
     n_head = config["n_head"]
     if name == "fp16":
-        _attention_with_past(model, n_head)
+        passes = {"multi_head_attention_with_past": _attention_with_past(model, n_head)}
     else:
-        _group_query_attention(model, n_head)
+        passes = {"group_query_attention": _group_query_attention(model, n_head)}
     _add_logits_to_keep(model)
+    passes[LOGITS_TO_KEEP] = 1
     if name == "fp16":
-        return _to_fp16(model), None
+        passes["bias_into_fast_gelu"] = _fold_biases(model, "FastGelu")
+        return _to_fp16(model), passes, None
     if name == "fp32-fused":
-        return model, None
-    _untie_lm_head(model)
-    return _quantize(model, quant), {
+        passes["bias_into_fast_gelu"] = _fold_biases(model, "FastGelu")
+        return model, passes, None
+    passes["lm_head_on_its_own_transposed_copy"] = _untie_lm_head(model)
+    model = _quantize(model, quant)
+    passes["bias_into_matmul_nbits"] = _fold_biases(model, "MatMulNBits")
+    return model, passes, {
         "method": "MatMulNBits, round to nearest (onnxruntime.quantization.MatMulNBitsQuantizer)",
         **asdict(quant), "weights": "every MatMul with constant weights, the lm_head included",
         "kept_fp32": "embeddings (the Gathers), LayerNorms, biases, the KV cache, activations between operators",
@@ -268,7 +274,7 @@ def _replace_presents(graph, old: list, new: list) -> None:
         graph.outputs[index] = new_value
 
 
-def _group_query_attention(model, n_head: int) -> None:
+def _group_query_attention(model, n_head: int) -> int:
     """Each fused attention -> GroupQueryAttention on the packed QKV, its past/present able to share a buffer.
 
     GroupQueryAttention wants the total length (the attention mask's) and, per row, that length - 1
@@ -285,7 +291,8 @@ def _group_query_attention(model, n_head: int) -> None:
     batch = ir.node("Shape", [inputs["input_ids"]], {"start": 0, "end": 1})
     seqlens_k = ir.node("Expand", [last.outputs[0], batch.outputs[0]])
     graph.insert_before(next(iter(graph)), [total_64, total_32, total, last, batch, seqlens_k])
-    for node, qkv, _split, (past_k, past_v), presents in _fused_attentions(model):
+    attentions = _fused_attentions(model)
+    for node, qkv, _split, (past_k, past_v), presents in attentions:
         bias = node.inputs[5]
         gqa = ir.node("GroupQueryAttention",
                       [qkv, None, None, past_k, past_v, seqlens_k.outputs[0], total.outputs[0], None, None, None, bias],
@@ -295,14 +302,16 @@ def _group_query_attention(model, n_head: int) -> None:
         _replace_presents(graph, presents, gqa.outputs[1:])
         graph.remove(node, safe=True)
     ir.passes.common.RemoveUnusedNodesPass()(model)
+    return len(attentions)
 
 
-def _attention_with_past(model, n_head: int) -> None:
+def _attention_with_past(model, n_head: int) -> int:
     """Each fused attention -> MultiHeadAttention that takes the past and returns the present itself."""
     import onnx_ir as ir
 
     graph = model.graph
-    for node, _qkv, split, (past_k, past_v), presents in _fused_attentions(model):
+    attentions = _fused_attentions(model)
+    for node, _qkv, split, (past_k, past_v), presents in attentions:
         query, key, value = split.outputs
         mha = ir.node("MultiHeadAttention", [query, key, value, None, None, node.inputs[5], past_k, past_v],
                       {"num_heads": n_head}, domain=MS_DOMAIN, num_outputs=3)
@@ -311,6 +320,7 @@ def _attention_with_past(model, n_head: int) -> None:
         _replace_presents(graph, presents, mha.outputs[1:])
         graph.remove(node, safe=True)
     ir.passes.common.RemoveUnusedNodesPass()(model)
+    return len(attentions)
 
 
 def _logits_node(graph):
@@ -342,14 +352,14 @@ def _add_logits_to_keep(model) -> None:
     logits.shape = ir.Shape([logits.shape[0], "logits_length", logits.shape[2]])
 
 
-def _untie_lm_head(model) -> None:
+def _untie_lm_head(model) -> int:
     """lm_head: FusedMatMul(x, embedding, transB) -> MatMul(x, a transposed copy), which the quantizer takes."""
     import onnx_ir as ir
 
     graph = model.graph
     head = _logits_node(graph)
     if head.op_type == "MatMul" and head.inputs[1].const_value is not None:
-        return
+        return 0  # already a MatMul on a constant (an untied lm_head)
     weight = head.inputs[1].const_value
     if head.op_type != "FusedMatMul" or weight is None or head.attributes.get_int("transB", 0) != 1:
         raise GptDeployError(f"unexpected lm_head: {head.op_type} on {head.inputs[1].name}")
@@ -360,6 +370,40 @@ def _untie_lm_head(model) -> None:
     matmul.outputs[0].name, matmul.outputs[0].shape = "logits", head.outputs[0].shape
     matmul.outputs[0].dtype = head.outputs[0].dtype
     graph.remove(head, safe=True)
+    return 1
+
+
+def _fold_biases(model, into: str) -> int:
+    """Each Add of a constant bias after a projection, into the operator that takes a bias input:
+    "FastGelu" (bias added before the GELU, as its input 1) or "MatMulNBits" (its input 5). Returns the count."""
+    import onnx_ir as ir
+
+    folded = 0
+    for add in list(model.graph):
+        if add.op_type != "Add" or add.domain:
+            continue
+        x, bias = add.inputs
+        if x.const_value is not None:
+            x, bias = bias, x
+        producer = x.producer()
+        if bias.const_value is None or len(bias.shape or ()) != 1 or producer is None or len(x.uses()) != 1:
+            continue
+        if into == "MatMulNBits" and producer.op_type == "MatMulNBits" and len(producer.inputs) < 6:
+            producer.resize_inputs(6)
+            producer.replace_input_with(5, bias)
+            ir.convenience.replace_all_uses_with(add.outputs[0], x)
+        elif into == "FastGelu" and len(add.outputs[0].uses()) == 1:
+            gelu = add.outputs[0].uses()[0].node
+            if gelu.op_type != "FastGelu" or gelu.domain != MS_DOMAIN or len(gelu.inputs) != 1:
+                continue
+            gelu.resize_inputs(2)
+            gelu.replace_input_with(0, x)
+            gelu.replace_input_with(1, bias)
+        else:
+            continue
+        model.graph.remove(add, safe=True)
+        folded += 1
+    return folded
 
 
 def _constant(graph, name: str, array: np.ndarray):
@@ -431,7 +475,7 @@ def _move_into_place(tmp: Path, folder: ExportFolder, entries: dict[str, dict]) 
         for relative in filter(None, (entry["file"], entry["external_data"])):
             os.replace(tmp / relative, folder.path / relative)
             moved.append(relative)
-    manifest = copy.deepcopy(folder.manifest)
+    manifest = read_export(folder.path).manifest  # as it is now (another optimize may have added variants)
     manifest.setdefault("variants", {}).update(entries)
     manifest["variants"] = {name: manifest["variants"][name] for name in VARIANTS if name in manifest["variants"]}
     manifest["files"].update({relative: _sha256(folder.path / relative) for relative in moved})

@@ -159,8 +159,6 @@ def open_runner(
     """
     spec = require(name)
     variant = _variant(name, source, precision, variant)
-    if variant is not None:
-        return _open_variant(name, source, variant, device, session_config, weights, weights_seed, progress)
     if spec.runs == CHECKPOINT:
         runner, tokenizer = _open_torch(source, precision, device, weights, weights_seed)
         if name == "hf":  # transformers' GPT-2 on the reference model's weights
@@ -170,7 +168,7 @@ def open_runner(
         return runner, tokenizer
     if is_export_folder(Path(source)):
         folder = read_export(source)
-        if precision not in (None, folder.precision):
+        if variant is None and precision not in (None, folder.precision):
             raise GptDeployError(f"{source} is a {folder.precision} export; it cannot run in {precision} "
                                  f"(export the checkpoint again with precision {precision})")
     else:
@@ -178,8 +176,12 @@ def open_runner(
         from gptdeploy.loading import load
 
         loaded = load(source, weights=weights, seed=weights_seed)
-        folder = read_export(cached_export(loaded, precision or "fp32", progress=progress))
-    return _open_ort(name, folder, device, session_config), folder.tokenizer()
+        folder = read_export(cached_export(loaded, "fp32" if variant else precision or "fp32", progress=progress))
+        if variant is not None:  # made once in the cached export, validated against the checkpoint
+            from exporters.ort_optimize import ensure_variants
+
+            folder = ensure_variants(folder.path, [variant], reference=loaded.model, progress=progress)
+    return _open_ort(name, folder, device, session_config, variant), folder.tokenizer()
 
 
 def _variant(name: str, source, precision: str | None, variant: str | None) -> str | None:
@@ -203,30 +205,6 @@ def _variant(name: str, source, precision: str | None, variant: str | None) -> s
     return variant
 
 
-def _open_variant(name, source, variant, device, session_config, weights, weights_seed, progress):
-    from exporters.ort_optimize import ensure_variants
-    from runtimes.ort import OrtCudaRunner, OrtRunner, SessionConfig
-
-    if is_export_folder(Path(source)):
-        folder = read_export(source)
-    else:  # the checkpoint's fp32 export in the export cache, with the variant made once
-        from gptdeploy.export_cache import cached_export
-        from gptdeploy.loading import load
-
-        loaded = load(source, weights=weights, seed=weights_seed)
-        path = cached_export(loaded, "fp32", progress=progress)
-        folder = ensure_variants(path, [variant], reference=loaded.model, progress=progress)
-    session_config = session_config or SessionConfig()
-    if name == "ort":
-        if device not in (None, "cpu"):
-            raise GptDeployError(f"the ort runtime runs on the CPU; for {device!r} use --runtime ort-cuda")
-        return OrtRunner(folder, session_config, variant=variant), folder.tokenizer()
-    device = "cuda:0" if device in (None, "cuda") else device
-    if not device.startswith("cuda:") or not device[5:].isdigit():
-        raise GptDeployError(f"device {device!r}: {name} takes cuda or cuda:N")
-    return OrtCudaRunner(folder, session_config, int(device[5:]), variant=variant), folder.tokenizer()
-
-
 def _open_torch(source, precision, device, weights, weights_seed):
     if is_export_folder(Path(source)):
         exported_from = read_export(source).manifest.get("source", {}).get("source", "its checkpoint")
@@ -245,14 +223,14 @@ def _open_torch(source, precision, device, weights, weights_seed):
     return TorchRunner(loaded.model), loaded.tokenizer
 
 
-def _open_ort(name, folder, device, session_config):
+def _open_ort(name, folder, device, session_config, variant=None):
     from runtimes.ort import OrtCudaRunner, OrtRunner, SessionConfig
 
     session_config = session_config or SessionConfig()
     if name == "ort":
         if device not in (None, "cpu"):
             raise GptDeployError(f"the ort runtime runs on the CPU; for {device!r} use --runtime ort-cuda")
-        return OrtRunner(folder, session_config)
+        return OrtRunner(folder, session_config, variant=variant)
     device = device or "cuda:0"
     if device == "cuda":
         device = "cuda:0"
@@ -266,4 +244,4 @@ def _open_ort(name, folder, device, session_config):
         from runtimes.ort_trt import OrtTrtRunner
 
         return OrtTrtRunner(folder, session_config, device_id=int(device[5:]))
-    return OrtCudaRunner(folder, session_config, device_id=int(device[5:]))
+    return OrtCudaRunner(folder, session_config, device_id=int(device[5:]), variant=variant)
