@@ -6,12 +6,14 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
 from exporters.ort_optimize import QuantSettings, optimize_export
+from gptdeploy import loading
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import (
     LOGITS_TO_KEEP,
@@ -23,6 +25,7 @@ from gptdeploy.export_folder import (
 from gptdeploy.generation import GenerationConfig, generate
 from gptdeploy.tokenizer import BPETokenizer
 from runtimes.ort import OrtRunner, SessionConfig, SharedCache
+from runtimes.registry import RUNTIMES
 from runtimes.torch_runner import TorchRunner
 from tests.test_cli import assert_one_line_error, gptdeploy
 
@@ -280,7 +283,8 @@ def test_variant_runner_needs_no_torch(optimized):
 
     code = """
         from gptdeploy.export_folder import read_export
-        from gptdeploy.generation import GenerationConfig, generate
+        from gptdeploy import loading
+from gptdeploy.generation import GenerationConfig, generate
         from runtimes.ort import OrtRunner
         folder = read_export(sys.argv[1])
         result = generate(OrtRunner(folder, variant="q4"), folder.tokenizer(), ["Hello"],
@@ -346,6 +350,60 @@ def test_a_shared_buffer_variant_is_refused_on_cuda(optimized):
 
     with pytest.raises(GptDeployError, match="runs on the CPU only"):
         OrtCudaRunner(optimized.folder, SessionConfig(), variant="q4")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(RUNTIMES["ort-cuda"].missing()),
+                    reason=f"ort-cuda cannot run here: {RUNTIMES['ort-cuda'].missing()}")
+def test_fp16_variant_on_cuda_generates_what_torch_does(optimized, lively):
+    from runtimes.ort import OrtCudaRunner
+
+    runner = OrtCudaRunner(optimized.folder, SessionConfig(), variant="fp16")
+    assert runner.session.get_providers()[0] == "CUDAExecutionProvider" and runner.precision == "fp16"
+    tok = BPETokenizer()
+    assert generate(runner, tok, PROMPTS, GREEDY).new_ids == generate(TorchRunner(lively.model), tok, PROMPTS,
+                                                                        GREEDY).new_ids
+
+
+# --- quality on a trained model ---
+
+SHAKESPEARE_WEIGHTS = Path(loading.__file__).parent / "data" / "shakespeare.safetensors"
+VAL_SLICE = Path(__file__).parent / "data" / "shakespeare_val_slice.txt"  # held-out Shakespeare text
+
+
+def loss_and_predictions(runner, ids: list[int], block_size: int) -> tuple[float, np.ndarray]:
+    """Mean next-token loss (nats) over consecutive windows of block_size tokens, and the top-1 predictions."""
+    nll, predictions = [], []
+    for start in range(0, len(ids) - 1, block_size):
+        window = np.array([ids[start:start + block_size + 1]])
+        x, targets = window[:, :-1], window[0, 1:]
+        logits = runner.step(x, np.ones_like(x), np.arange(x.shape[1])[None], runner.new_cache(1)).logits[0]
+        logits = logits.astype(np.float64)
+        top = logits.max(-1)
+        log_z = top + np.log(np.exp(logits - top[:, None]).sum(-1))
+        nll.append(log_z - logits[np.arange(len(targets)), targets])
+        predictions.append(logits.argmax(-1))
+    return float(np.concatenate(nll).mean()), np.concatenate(predictions)
+
+
+@pytest.mark.skipif(not SHAKESPEARE_WEIGHTS.is_file() or not VAL_SLICE.is_file(),
+                    reason="the trained shakespeare weights or the held-out text are not in the package")
+def test_quantized_variants_keep_shakespeares_quality(tmp_path):
+    """The issue's bounds: int8 within +1% validation loss of fp32 and >= 97% top-1 agreement; q4 +5%, 90%."""
+    from exporters.onnx_export import export_onnx
+
+    loaded = loading.load("shakespeare")
+    folder = export_onnx(loaded, tmp_path / "shakespeare", progress=False).path
+    optimize_export(folder, ["int8", "q4"], reference=loaded.model, progress=False)
+    ids = BPETokenizer().encode(VAL_SLICE.read_text(encoding="utf-8"), allow_special=False)
+    block_size = loaded.config.block_size
+    fp32_loss, fp32_top1 = loss_and_predictions(OrtRunner(folder), ids, block_size)
+    for name, loss_bound, agreement_bound in (("int8", 1.01, 0.97), ("q4", 1.05, 0.90)):
+        loss, top1 = loss_and_predictions(OrtRunner(folder, variant=name), ids, block_size)
+        agreement = float((top1 == fp32_top1).mean())
+        print(f"{name}: loss {loss:.4f} vs fp32 {fp32_loss:.4f} ({loss / fp32_loss - 1:+.2%}), top-1 agreement "
+              f"{agreement:.2%}")
+        assert loss <= loss_bound * fp32_loss and agreement >= agreement_bound
 
 
 # --- gpt2-size ---
