@@ -6,10 +6,12 @@ Every variant is made from the portable onnx/model.onnx of an fp32 export, which
 
 1. onnxscript's ONNX Runtime fusions (onnxscript.rewriter.ort_fusions.optimize_for_ort): each
    LayerNormalization with the residual Add before it -> SkipLayerNormalization (with the projection's
-   bias), the tanh GELU -> FastGelu (the tanh form GPT-2 was trained with; onnxruntime.transformers'
-   optimizer would turn it into the erf BiasGelu, another function), the attention ->
-   MultiHeadAttention, the lm_head on the transposed embedding -> FusedMatMul.
+   bias), the tanh GELU written out in elementary operators -> FastGelu (the tanh form GPT-2 was
+   trained with), the attention -> MultiHeadAttention, the lm_head on the transposed embedding ->
+   FusedMatMul. (Not onnxruntime.transformers' optimizer: it turns a Gelu(approximate="tanh")
+   operator into BiasGelu, the erf GELU, another function.)
 2. gptdeploy's own passes (this module), on the onnx_ir graph:
+   - an ONNX Gelu(approximate="tanh") operator (exports at opset >= 20) -> FastGelu;
    - attention. CPU variants: each MultiHeadAttention, with the Concat of the past keys/values before
      it, becomes one GroupQueryAttention on the packed QKV projection (no split, no transposes), whose
      past and present may share one preallocated buffer (kv_cache "shared-buffer": nothing copied per
@@ -20,6 +22,8 @@ Every variant is made from the portable onnx/model.onnx of an fp32 export, which
      to the last positions; generation needs the last one only.
    - quantized variants: the lm_head multiplies by its own transposed copy of the tied embedding, a
      constant the quantizer takes (the embedding Gather keeps the fp32 table: it reads one row per token).
+   - the bias Add after a projection goes into the operator after it (FastGelu's bias input), or,
+     once quantized, into MatMulNBits' bias input.
 3. fp16: onnxruntime.transformers.float16, the logits kept fp32 (the contract).
    int8, q4: onnxruntime.quantization.MatMulNBitsQuantizer, round-to-nearest, blockwise along the
    input dimension, every MatMul with constant weights, the lm_head (a third of GPT-2 small) included.
@@ -205,10 +209,11 @@ def _variant_model(fused, name: str, config: dict, quant: QuantSettings | None):
 
     model = ir.from_proto(ir.to_proto(fused))  # a deep copy: each variant rewrites its own
     n_head = config["n_head"]
+    passes = {"tanh_gelu_to_fast_gelu": _tanh_gelu_to_fast_gelu(model)}
     if name == "fp16":
-        passes = {"multi_head_attention_with_past": _attention_with_past(model, n_head)}
+        passes["multi_head_attention_with_past"] = _attention_with_past(model, n_head)
     else:
-        passes = {"group_query_attention": _group_query_attention(model, n_head)}
+        passes["group_query_attention"] = _group_query_attention(model, n_head)
     _add_logits_to_keep(model)
     passes[LOGITS_TO_KEEP] = 1
     if name == "fp16":
@@ -225,6 +230,29 @@ def _variant_model(fused, name: str, config: dict, quant: QuantSettings | None):
         **asdict(quant), "weights": "every MatMul with constant weights, the lm_head included",
         "kept_fp32": "embeddings (the Gathers), LayerNorms, biases, the KV cache, activations between operators",
     }
+
+
+def _tanh_gelu_to_fast_gelu(model) -> int:
+    """ONNX Gelu(approximate="tanh") (exports at opset >= 20) -> FastGelu, the same function.
+
+    onnxscript fuses the tanh GELU written out in elementary operators (opset 18) and leaves the Gelu
+    operator alone; onnxruntime.transformers' optimizer would turn it into BiasGelu, which is the erf
+    GELU: another function (the README has the measured difference).
+    """
+    import onnx_ir as ir
+
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Gelu" or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.attributes.get_string("approximate", "none") != "tanh":
+            continue
+        fast = ir.node("FastGelu", [node.inputs[0]], domain=MS_DOMAIN)
+        model.graph.insert_before(node, fast)
+        ir.convenience.replace_all_uses_with(node.outputs[0], fast.outputs[0])
+        model.graph.remove(node, safe=True)
+        count += 1
+    return count
 
 
 def _graph_values(graph):

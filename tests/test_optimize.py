@@ -94,6 +94,20 @@ def test_gelu_stays_tanh(optimized):
         assert "FastGelu" in ops and not ops & {"Gelu", "BiasGelu", "Erf"}
 
 
+def test_an_opset_20_gelu_operator_becomes_fast_gelu(lively, tmp_path):
+    """At opset 20 the export writes GELU as Gelu(approximate="tanh"): it becomes FastGelu, never the erf forms."""
+    from exporters.onnx_export import export_onnx
+
+    folder = export_onnx(lively, tmp_path / "lively-20", opset=20, progress=False).path
+    assert "Gelu" in {n.op_type for n in graph_nodes(folder / "onnx" / "model.onnx")}
+    result = optimize_export(folder, ["fp32-fused"], reference=lively.model, progress=False)
+    entry = result.folder.variants["fp32-fused"]
+    assert entry["passes"]["tanh_gelu_to_fast_gelu"] == lively.config.n_layer
+    ops = {n.op_type for n in graph_nodes(folder / entry["file"])}
+    assert "FastGelu" in ops and not ops & {"Gelu", "BiasGelu", "Erf"}
+    assert entry["validation"]["max_abs_diff"] <= 1e-4
+
+
 def test_fp32_fused_matches_transformers(hf_folder, hf_export_path, tmp_path):
     """An independent oracle: transformers' GPT2LMHeadModel, on a ragged batch, prefill then decode steps."""
     import torch
