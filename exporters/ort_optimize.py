@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import gc
 import hashlib
 import json
 import logging
@@ -174,6 +175,7 @@ def optimize_export(folder: ExportFolder | str | Path, variants=DEFAULT_VARIANTS
                 raise GptDeployError(f"variant {name} failed validation, nothing written: {report['failures']}")
             entry["validation"] = report
             entries[name] = entry
+            gc.collect()  # the variant's graph and sessions: gone before the next one is built
         _move_into_place(tmp, folder, entries)
     except OSError as e:
         raise GptDeployError(f"cannot write the variants into {folder.path}: {e}") from e
