@@ -224,7 +224,8 @@ def main() -> None:
     parser.add_argument("data", type=Path, help="tinyshakespeare's input.txt")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where to write the weights ({DEFAULT_OUT.name})")
     for f in dataclasses.fields(Settings):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                            help="(default: %(default)s)")
     args = parser.parse_args()
     settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
     if not args.data.is_file():
