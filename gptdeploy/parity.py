@@ -494,8 +494,10 @@ def format_value(metric: str, value: float | None) -> str:
     # fractions are floored, so that 99.996% never shows as 100% nor 0.9999996 as 1.000000
     if metric in ("top1", "top5", "greedy"):
         return "100%" if value >= 1 else f"{math.floor(value * 1e4) / 100:.2f}%"
-    if metric == "cosine":
-        return "1" if value >= 1 else f"{math.floor(value * 1e6) / 1e6:.6f}"
+    if metric == "cosine":  # near 1, what matters is how near: 1-4e-07
+        if value >= 1:
+            return "1"
+        return f"1-{1 - value:.1e}" if value > 0.999 else f"{math.floor(value * 1e6) / 1e6:.6f}"
     return "0" if value == 0 else f"{value:.1e}"
 
 
@@ -538,8 +540,9 @@ def print_report(report: ParityReport, console=None) -> None:
         bounds = []
         for name in COLUMNS:
             tol = result.tolerances.get(name)
-            bounds.append("" if tol is None else ("≥" if METRICS[name].higher_is_better else "≤")
-                          + format_tolerance(tol))
+            near_one = name == "cosine" and tol is not None and tol > 0.999
+            text = f"1-{1 - tol:.0e}" if near_one else format_tolerance(tol)
+            bounds.append("" if tol is None else ("≥" if METRICS[name].higher_is_better else "≤") + text)
         table.add_row("tol", *bounds, style="dim")
         for step in result.steps:
             table.add_row(step["step"], *_cells(step["metrics"], result.tolerances),

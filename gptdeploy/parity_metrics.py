@@ -147,22 +147,23 @@ def _top_k(x: np.ndarray, k: int) -> np.ndarray:
 # --- tolerances ---
 
 # Defaults by precision; None: reported, not checked. How each was chosen, with the measurements
-# behind it, is in the README ("Parity"): about 3-10x the worst value measured on random and trained
-# models, and round. fp32 checks absolute differences, like the export's validation (two fp32
-# runtimes differ by summation order only). Reduced precisions check relative ones (their error
-# scales with the logits, whose size differs by model) and stay demanding on the top-1 token: it may
-# differ only in near ties (flip_lead), and rarely (top1). Their greedy generation diverges after
-# the first near tie resolved the other way, at no predictable token: reported, not checked.
+# behind it, is in the README ("Parity"): a round figure some 3-10x beyond the worst value measured
+# on a trained model and on random ones (int4: on the trained and the tiny models). fp32 checks
+# absolute differences, like the export's validation (two fp32 runtimes differ by summation order
+# only). Reduced precisions check relative ones (their error scales with the logits, whose size
+# differs by model) and stay demanding on the top-1 token: it may differ only in near ties
+# (flip_lead), and rarely (top1). Their greedy generation diverges after the first near tie
+# resolved the other way, at no predictable token: reported, not checked.
 DEFAULT_TOLERANCES: dict[str, dict[str, float | None]] = {
     "fp32": {"max_abs": 1e-4, "mean_abs": 1e-5, "max_rel": 1e-5, "cosine": 0.999999, "top1": 0.99,
              "flip_lead": 1e-5, "top5": 0.99, "kv_max_abs": 1e-4, "nonfinite": 0, "greedy": 1.0},
     "fp16": {"max_abs": None, "mean_abs": None, "max_rel": 1e-2, "cosine": 0.9999, "top1": 0.99,
-             "flip_lead": 5e-3, "top5": 0.9, "kv_max_abs": None, "nonfinite": 0, "greedy": None},
+             "flip_lead": 5e-3, "top5": 0.95, "kv_max_abs": None, "nonfinite": 0, "greedy": None},
     "bf16": {"max_abs": None, "mean_abs": None, "max_rel": 5e-2, "cosine": 0.999, "top1": 0.95,
              "flip_lead": 2e-2, "top5": 0.9, "kv_max_abs": None, "nonfinite": 0, "greedy": None},
-    "int8": {"max_abs": None, "mean_abs": None, "max_rel": 5e-2, "cosine": 0.999, "top1": 0.95,
+    "int8": {"max_abs": None, "mean_abs": None, "max_rel": 1e-1, "cosine": 0.999, "top1": 0.95,
              "flip_lead": 2e-2, "top5": 0.9, "kv_max_abs": None, "nonfinite": 0, "greedy": None},
-    "int4": {"max_abs": None, "mean_abs": None, "max_rel": 3e-1, "cosine": 0.98, "top1": 0.85,
+    "int4": {"max_abs": None, "mean_abs": None, "max_rel": 5e-1, "cosine": 0.98, "top1": 0.85,
              "flip_lead": 1e-1, "top5": 0.8, "kv_max_abs": None, "nonfinite": 0, "greedy": None},
 }
 # q4, fp32-fused: the names of ONNX Runtime variants (gptdeploy.export_folder.VARIANT_OF_PRECISION)
