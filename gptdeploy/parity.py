@@ -34,7 +34,8 @@ import numpy as np
 from gptdeploy.errors import GptDeployError
 from gptdeploy.generation import PAD_ID, GenerationConfig, generate, prepare_prompts
 from gptdeploy.parity_metrics import (
-    METRICS, agreeing_prefix, cache_metrics, default_tolerances, logits_metrics, passes, passing_tolerance,
+    METRICS, agreeing_prefix, cache_metrics, default_tolerances, logits_metrics, looser_precision, passes,
+    passing_tolerance,
 )
 from gptdeploy.tokenizer import Tokenizer
 
@@ -233,13 +234,15 @@ def compare(runner, record: ReferenceRecord, tolerances: dict[str, float | None]
             on_step: Callable[[], None] | None = None) -> RuntimeResult:
     """Runs `runner` on the reference's inputs and checks it against the reference.
 
-    tolerances: per metric, over the defaults of the runner's precision (default_tolerances).
+    tolerances: per metric, over the defaults (default_tolerances) of the runner's precision, or of
+        the reference's where that is the looser (an fp32 runtime against an fp16 reference).
     """
     import time
 
     start = time.perf_counter()
     _check_same_model(runner, record)
-    tolerances = {**default_tolerances(runner.precision), **(tolerances or {})}
+    precision = looser_precision(runner.precision, record.precision)
+    tolerances = {**default_tolerances(precision), **(tolerances or {})}
     n_steps = record.steps + 1
     test_rows: list[list[np.ndarray]] = [[] for _ in range(n_steps)]
     ref_rows: list[list[np.ndarray]] = [[] for _ in range(n_steps)]

@@ -178,6 +178,14 @@ def default_tolerances(precision: str) -> dict[str, float | None]:
     return dict(DEFAULT_TOLERANCES[key])
 
 
+def looser_precision(a: str, b: str) -> str:
+    """Of two precisions, the one whose default tolerances are the looser (the order of DEFAULT_TOLERANCES)."""
+    order = list(DEFAULT_TOLERANCES)
+    rank = {p: order.index(PRECISION_ALIASES.get(p, p)) if PRECISION_ALIASES.get(p, p) in order else len(order)
+            for p in (a, b)}
+    return a if rank[a] >= rank[b] else b
+
+
 def parse_tolerances(specs: list[str]) -> dict[str, float]:
     """--tol values ("max_abs=1e-3", "top1=0.99") as {metric: tolerance}; GptDeployError for bad ones."""
     overrides = {}

@@ -14,8 +14,8 @@ import pytest
 from gptdeploy.errors import GptDeployError
 from gptdeploy.parity import Target, prefill_inputs, run_parity
 from gptdeploy.parity_metrics import (
-    DEFAULT_TOLERANCES, METRICS, agreeing_prefix, cache_metrics, logits_metrics, parse_tolerances, passes,
-    passing_tolerance,
+    DEFAULT_TOLERANCES, METRICS, agreeing_prefix, cache_metrics, logits_metrics, looser_precision,
+    parse_tolerances, passes, passing_tolerance,
 )
 from runtimes.registry import RUNTIMES
 from tests.test_cli import assert_one_line_error, gptdeploy
@@ -138,6 +138,11 @@ def test_every_precision_has_a_tolerance_for_every_metric():
     for precision, tolerances in DEFAULT_TOLERANCES.items():
         assert set(tolerances) == set(METRICS), precision
         assert tolerances["nonfinite"] == 0 and tolerances["top1"] >= 0.85 and tolerances["flip_lead"], precision
+
+
+def test_the_looser_precision_sets_the_tolerances():
+    assert looser_precision("fp32", "fp16") == looser_precision("fp16", "fp32") == "fp16"
+    assert looser_precision("int8", "bf16") == "int8" and looser_precision("fp16", "q4") == "q4"
 
 
 def test_prefill_inputs_left_pad():
