@@ -211,6 +211,12 @@ class RuntimeResult:
     greedy: dict  # {"tokens": n, "agreeing": [per prompt], "first_divergence": [per prompt]}
     checks: list[Check]
     seconds: float
+    variant: str | None = None  # an export's ONNX Runtime variant (int8, q4, fp32-fused), if the runner ran one
+
+    @property
+    def label(self) -> str:
+        """'ort fp16', 'ort q4': the runtime and its precision, or the variant it ran."""
+        return f"{self.runtime} {self.variant or self.precision}"
 
     @property
     def passed(self) -> bool:
@@ -222,7 +228,7 @@ class RuntimeResult:
 
     def to_dict(self) -> dict:
         return _json_safe({
-            "runtime": self.runtime, "precision": self.precision, "device": self.device,
+            "runtime": self.runtime, "precision": self.precision, "variant": self.variant, "device": self.device,
             "description": self.description, "passed": self.passed, "seconds": self.seconds,
             "tolerances": self.tolerances,
             "checks": [vars(c) | {"message": c.describe() if not c.passed else None} for c in self.checks],
@@ -289,7 +295,7 @@ def compare(runner, record: ReferenceRecord, tolerances: dict[str, float | None]
         checks.append(Check(name, value, tolerance, passes(name, value, tolerance), failing,
                             passing_tolerance(name, value), checked))
     return RuntimeResult(runner.name, runner.precision, runner.device, runner.describe(), tolerances, steps,
-                         overall, greedy, checks, time.perf_counter() - start)
+                         overall, greedy, checks, time.perf_counter() - start, getattr(runner, "variant", None))
 
 
 def _check_same_model(runner, record: ReferenceRecord) -> None:
@@ -534,7 +540,7 @@ def print_report(report: ParityReport, console=None) -> None:
     console.print(f"Parity of {report.source} against the reference {report.record.description}",
                   highlight=False, soft_wrap=True)
     for result in report.results:
-        table = Table(title=f"{result.runtime} {result.precision}: {result.description}", title_justify="left",
+        table = Table(title=f"{result.label}: {result.description}", title_justify="left",
                       title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
                       collapse_padding=True)
         table.add_column("step", no_wrap=True)
@@ -554,9 +560,8 @@ def print_report(report: ParityReport, console=None) -> None:
         console.print(table)
         agree = ", ".join(f"{n}/{result.greedy['tokens']}" for n in result.greedy["agreeing"])
         failed, checked = len(result.failures), sum(c.tolerance is not None for c in result.checks)
-        verdict = (f"[green]PASS[/green] {result.runtime} {result.precision}: all {checked} checks pass"
-                   if not failed else f"[red]FAIL[/red] {result.runtime} {result.precision}: {failed} of "
-                   f"{checked} checks fail")
+        verdict = (f"[green]PASS[/green] {result.label}: all {checked} checks pass" if not failed
+                   else f"[red]FAIL[/red] {result.label}: {failed} of {checked} checks fail")
         # soft_wrap: a line a script can grep, however narrow the terminal
         console.print(f"{verdict}; greedy generation agrees for {agree} tokens before the first divergence",
                       highlight=False, soft_wrap=True)

@@ -137,7 +137,7 @@ def test_parse_tolerances():
 def test_every_precision_has_a_tolerance_for_every_metric():
     for precision, tolerances in DEFAULT_TOLERANCES.items():
         assert set(tolerances) == set(METRICS), precision
-        assert tolerances["nonfinite"] == 0 and tolerances["top1"] >= 0.85 and tolerances["flip_lead"], precision
+        assert tolerances["nonfinite"] == 0 and tolerances["top1"] >= 0.8 and tolerances["flip_lead"], precision
 
 
 def test_the_looser_precision_sets_the_tolerances():
@@ -155,9 +155,11 @@ def test_prefill_inputs_left_pad():
 
 # --- every runtime x precision on this machine against torch fp32 ---
 
-# The precisions each runtime runs; a runtime the registry gains later gets an fp32 row by itself.
-PRECISIONS = {"torch": ["fp16", "bf16"], "hf": ["fp32"], "ort": ["fp32", "fp16"], "ort-cuda": ["fp32", "fp16"],
-              "trt": ["fp32", "fp16"], "ort-trt": ["fp32", "fp16"]}
+# The precisions each runtime runs (fp32-fused, int8, q4: the export's ONNX Runtime variants, which
+# run on the CPU only); a runtime the registry gains later gets an fp32 row by itself.
+PRECISIONS = {"torch": ["fp16", "bf16"], "hf": ["fp32"], "ort": ["fp32", "fp16", "fp32-fused", "int8", "q4"],
+              "ort-cuda": ["fp32", "fp16"], "trt": ["fp32", "fp16"], "ort-trt": ["fp32", "fp16"]}
+VARIANT_PRECISIONS = {"fp32-fused", "int8", "q4"}
 CUDA_RUNTIMES = {"ort-cuda", "trt", "ort-trt"}
 
 
@@ -192,12 +194,26 @@ def tiny_export_fp16_path(tmp_path_factory):
                        precision="fp16", progress=False).path
 
 
+@pytest.fixture(scope="session")
+def tiny_variants_path(tiny_export_path, tmp_path_factory):
+    """A copy of the tiny export with its ONNX Runtime variants (gptdeploy optimize)."""
+    from exporters.ort_optimize import optimize_export
+
+    folder = tmp_path_factory.mktemp("export") / "tiny-variants"
+    shutil.copytree(tiny_export_path, folder)
+    return optimize_export(folder, sorted(VARIANT_PRECISIONS), progress=False).folder.path
+
+
 @pytest.mark.parametrize("target", _rows())
-def test_runtime_matches_the_reference(target, tiny_export_path, tiny_export_fp16_path):
-    export = {"fp32": tiny_export_path, "fp16": tiny_export_fp16_path}.get(target.precision)
+def test_runtime_matches_the_reference(target, request):
+    """Each row against torch fp32 with the default tolerances of its precision."""
+    fixture = {"fp32": "tiny_export_path", "fp16": "tiny_export_fp16_path"}.get(
+        target.precision, "tiny_variants_path" if target.precision in VARIANT_PRECISIONS else None)
+    export = request.getfixturevalue(fixture) if fixture else None
     report = run_parity("tiny", [target], export=export, **QUICK)
     (result,) = report.results
-    assert (result.runtime, result.precision) == (target.runtime, target.precision)
+    assert result.runtime == target.runtime
+    assert target.precision in (result.precision, result.variant)
     assert result.passed, "; ".join(c.describe() for c in result.failures)
     assert len(result.steps) == 5 and result.greedy["tokens"] == 16
 
