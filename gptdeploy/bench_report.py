@@ -51,7 +51,8 @@ def summary_lines(report: dict) -> list[str]:
         f"machine: {machine['cpu']} · {machine['physical_cores']} cores, {machine['logical_cpus']} logical CPUs · "
         f"{machine['memory_gib']} GiB · {gpus} · {load}",
         f"libraries: {versions} · Python {machine['python']}",
-        f"memory read bandwidth: {bw['gb_per_s']} GB/s ({bw['kernel']}, best of {bw['repeats']}); a decode step reads "
+        f"memory read bandwidth: {bw['gb_per_s']} GB/s ({bw['kernel']}, best of {bw['repeats']}; before and after the "
+        f"runtimes: {', '.join(map(str, bw.get('measurements_gb_per_s', [])))} GB/s); a decode step reads "
         f"{weights_mb:.0f} MB of {m['precision']} weights: at least {weights_mb / bw['gb_per_s']:.1f} ms per step "
         f"(+ the KV cache)",
     ]
