@@ -297,8 +297,7 @@ def test_variant_runner_needs_no_torch(optimized):
 
     code = """
         from gptdeploy.export_folder import read_export
-        from gptdeploy import loading
-from gptdeploy.generation import GenerationConfig, generate
+        from gptdeploy.generation import GenerationConfig, generate
         from runtimes.ort import OrtRunner
         folder = read_export(sys.argv[1])
         result = generate(OrtRunner(folder, variant="q4"), folder.tokenizer(), ["Hello"],
