@@ -30,8 +30,10 @@ before and after each timed call.
 
 Decode at small batch is bound by memory bandwidth: every weight is read once per step. The report
 sets each CPU runtime's decode step against that floor: (bytes of weights read per step + the KV
-cache at the mean past length) / the machine's read bandwidth (gptdeploy.machine), measured before
-and after the runtimes (the faster of the two counts).
+cache at the mean past length) / the machine's read bandwidth (gptdeploy.machine), measured in the
+runtime's process just before and after its measurements (the faster counts): on a shared machine
+the bandwidth moves, so each runtime is set against the bandwidth it had. The report's overall
+figure is measured before and after all the runtimes.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class BenchSettings:
     random_weights: bool = False
     seed: int = 0  # seed of the random weights and of the token ids fed to every runtime
     isolate: bool = True  # each runtime in its own process (attributable memory); False: in this one
+    bandwidth_mib: int = 512  # the array the read bandwidth is measured on: far larger than any cache
 
     def check(self) -> None:
         from runtimes.ort import OPTIMIZATION_LEVELS
@@ -289,7 +292,7 @@ def _cuda_index(device: str | None) -> int:
 def measure_runtime(settings: BenchSettings, name: str, device: str | None, export_folder: str | None,
                     progress: Progress) -> dict:
     """Opens runtime `name` (set-up timed) and measures every batch size. Raises on failure."""
-    from gptdeploy.machine import GpuMemoryMonitor, ResidentMemory
+    from gptdeploy.machine import GpuMemoryMonitor, ResidentMemory, measure_read_bandwidth
 
     memory = ResidentMemory()
     memory.reset_peak()
@@ -305,6 +308,9 @@ def measure_runtime(settings: BenchSettings, name: str, device: str | None, expo
         setup_peak_gpu = gpu.peak_mb() if gpu is not None else None
         torch = sys.modules.get("torch")
         torch_cuda = torch is not None and runner.device.startswith("cuda") and torch.cuda.is_initialized()
+        # The read bandwidth just before and after the measurements: on a shared machine it moves, and
+        # the bandwidth floor of this runtime's decode steps is the one it had (measured outside the peaks).
+        bandwidth = [measure_read_bandwidth(settings.bandwidth_mib, threads=settings.threads)["gb_per_s"]]
         gc.collect()
         memory.reset_peak()
         if gpu is not None:
@@ -322,10 +328,11 @@ def measure_runtime(settings: BenchSettings, name: str, device: str | None, expo
             "run_peak_gpu_mb": gpu.peak_mb() if gpu is not None else None,
             "torch_peak_gpu_mb": round(torch.cuda.max_memory_reserved(runner.device) / 1e6, 1) if torch_cuda else None,
         }
+        bandwidth.append(measure_read_bandwidth(settings.bandwidth_mib, threads=settings.threads)["gb_per_s"])
         return {
             "runtime": name, "status": OK, "runner": runner.describe(), "device": runner.device,
             "precision": runner.precision, "threads": _thread_count(runner), "setup": setup,
-            "memory": memory_report, "batches": batches,
+            "memory": memory_report, "read_bandwidth_gb_per_s": bandwidth, "batches": batches,
         }
     finally:
         if gpu is not None:
@@ -537,7 +544,7 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
     settings_used = BenchSettings(**{**asdict(settings), "threads": threads, "precision": model.precision})
     # Measured before and after the runtimes; the faster counts (other work on the machine only slows it)
     bandwidth_step = progress.start("memory bandwidth", 2)
-    bandwidths = [measure_read_bandwidth(threads=machine["physical_cores"])]
+    bandwidths = [measure_read_bandwidth(settings.bandwidth_mib, threads=machine["physical_cores"])]
     bandwidth_step("measured before the runtimes", 1)
 
     rows: dict[str, dict] = {}
@@ -580,12 +587,12 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
             rows[name] = e.row(name)
             progress.finish(name, e.status)
 
-    bandwidths.append(measure_read_bandwidth(threads=machine["physical_cores"]))
+    bandwidths.append(measure_read_bandwidth(settings.bandwidth_mib, threads=machine["physical_cores"]))
     progress.finish("memory bandwidth", OK)
     bandwidth = {**max(bandwidths, key=lambda b: b["gb_per_s"]),
                  "measurements_gb_per_s": [b["gb_per_s"] for b in bandwidths]}
     runtimes = [rows[name] for name in settings.runtimes]
-    baseline = _add_comparisons(runtimes, model, settings.prompt_len, bandwidth)
+    baseline = _add_comparisons(runtimes, model, settings.prompt_len)
     return {
         "format": REPORT_FORMAT, "format_version": REPORT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -607,18 +614,20 @@ def _needs_export(name: str) -> bool:
     return RUNTIMES[split_runtime(name)[0]].runs != CHECKPOINT
 
 
-def _add_comparisons(runtimes: list[dict], model: ModelUnderTest, prompt_len: int, bandwidth: dict) -> str | None:
+def _add_comparisons(runtimes: list[dict], model: ModelUnderTest, prompt_len: int) -> str | None:
     """Adds to each measured batch its speedups over the baseline and its distance to the bandwidth floor.
 
-    The baseline is hf when it was measured, else the first runtime that was. Returns its name.
+    The baseline is hf when it was measured, else the first runtime that was. Returns its name. The
+    floor of a runtime's decode step is computed with the read bandwidth measured around its own
+    measurements (the faster of before and after).
     """
     measured = [r for r in runtimes if r["status"] == OK]
     if not measured:
         return None
     baseline = next((r for r in measured if r["runtime"] == "hf"), measured[0])
     base_batches = {b["batch"]: b for b in baseline["batches"]}
-    gb_per_s = bandwidth["gb_per_s"]
     for runtime in measured:
+        gb_per_s = max(runtime["read_bandwidth_gb_per_s"])
         for b in runtime["batches"]:
             base = base_batches[b["batch"]]
             b["speedup"] = {
@@ -633,7 +642,8 @@ def _add_comparisons(runtimes: list[dict], model: ModelUnderTest, prompt_len: in
             floor_ms = (weights + kv) / (gb_per_s * 1e9) * 1e3
             on_cpu = runtime["device"] == "cpu"  # the bandwidth measured is the host's
             b["bandwidth_floor"] = {
-                "weight_bytes": weights, "kv_bytes_mean": kv, "floor_ms": floor_ms if on_cpu else None,
+                "weight_bytes": weights, "kv_bytes_mean": kv, "read_gb_per_s": gb_per_s,
+                "floor_ms": floor_ms if on_cpu else None,
                 "fraction_of_limit": floor_ms / b["decode"]["p50_ms"] if on_cpu else None,
             }
     return baseline["runtime"]

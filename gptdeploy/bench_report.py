@@ -83,7 +83,7 @@ def speed_table(report: dict) -> Table:
                 f"{_ms(d['p50_ms'])} / {_ms(d['p90_ms'])} / {_ms(d['p99_ms'])}", _rate(d["tokens_per_s"]),
                 _ms(b["generation"]["ttft_ms"]), _seconds(b["generation"]["total_s"]),
                 _times(b["speedup"]["prefill"]), _times(b["speedup"]["decode"]),
-                DASH if floor is None else f"{floor:.0%}",
+                DASH if floor is None else f"{floor:.0%} of {b['bandwidth_floor']['read_gb_per_s']:.0f} GB/s",
             )
     return table
 
@@ -104,7 +104,8 @@ def setup_table(report: dict) -> Table:
             export += " (cached)"
         table.add_row(
             runtime["runtime"], escape(runtime["runner"]), str(runtime["threads"] or DASH),
-            _seconds(setup.get("load_s")), export, _seconds(setup.get("session_s")), _seconds(setup.get("engine_build_s")),
+            _seconds(setup.get("load_s")), export, _seconds(setup.get("session_s")),
+            _seconds(setup.get("engine_build_s")),
             _mb(memory["process_rss_mb"]), _mb(memory["setup_peak_rss_mb"]), _mb(memory["run_peak_rss_mb"]),
             _mb(memory["run_peak_gpu_mb"]),
         )
@@ -114,8 +115,9 @@ def setup_table(report: dict) -> Table:
 FOOTNOTES = [
     "decode: the new tokens after the first, one step each with the KV cache; first token and total: "
     "gptdeploy's generate, greedy.",
-    "bandwidth limit: (weights + KV cache at the mean past length) / measured read bandwidth, over the "
-    "p50 decode step; 100% would be a step at the memory-bandwidth limit (CPU runtimes only).",
+    "bandwidth limit: (weights + KV cache at the mean past length) / the read bandwidth measured around the "
+    "runtime's own measurements, over the p50 decode step; 100% would be a step at the memory-bandwidth limit "
+    "(CPU runtimes only).",
     "process RSS: before set-up (interpreter and libraries); peaks: during set-up, and during the "
     "measurements; each runtime in its own process.",
 ]

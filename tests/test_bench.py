@@ -18,7 +18,7 @@ from gptdeploy.model import GPT, GPTConfig
 from runtimes.registry import RUNTIMES
 from tests.test_cli import assert_one_line_error, gptdeploy
 
-SMALL = dict(batches=(1, 2), prompt_len=6, new_tokens=4, warmup=1, repeat=2, random_weights=True)
+SMALL = dict(batches=(1, 2), prompt_len=6, new_tokens=4, warmup=1, repeat=2, random_weights=True, bandwidth_mib=64)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,7 @@ def test_report_has_every_field(report):
         assert runtime["status"] == OK, runtime
         assert runtime["device"] == "cpu" and runtime["precision"] == "fp32" and runtime["threads"] >= 1
         assert runtime["memory"]["run_peak_rss_mb"] > 0 and runtime["memory"]["setup_peak_rss_mb"] > 0
+        assert len(runtime["read_bandwidth_gb_per_s"]) == 2  # just before and after its measurements
         assert [b["batch"] for b in runtime["batches"]] == [1, 2]
         for b in runtime["batches"]:
             prefill, decode, generation = b["prefill"], b["decode"], b["generation"]
@@ -70,6 +71,9 @@ def test_report_has_every_field(report):
             assert set(b["speedup"]) == {"prefill", "decode", "generation"}
             floor = b["bandwidth_floor"]
             assert floor["floor_ms"] > 0 and floor["fraction_of_limit"] == floor["floor_ms"] / decode["p50_ms"]
+            assert floor["read_gb_per_s"] == max(runtime["read_bandwidth_gb_per_s"])
+            assert floor["floor_ms"] == pytest.approx(
+                (floor["weight_bytes"] + floor["kv_bytes_mean"]) / (floor["read_gb_per_s"] * 1e9) * 1e3)
     hf, torch_, ort = report["runtimes"]
     assert set(hf["setup"]) == {"load_s"} and set(torch_["setup"]) == {"load_s"}
     assert {"load_s", "export_s", "export_reused", "session_s"} == set(ort["setup"])
