@@ -15,14 +15,21 @@ only, as generation asks for them):
 
 Every runtime does identical work: the prompt and the decode inputs are fixed token ids drawn from
 `seed` (decode feeds them rather than the model's choices, so no runtime's rounding changes the
-work). Each batch size runs `warmup` untimed rounds, then `repeat` timed ones; figures are medians.
+work). Per batch size: `warmup` untimed rounds, `repeat` timed ones, then `repeat` generations;
+figures are medians.
+
+The runtimes take turns. Each is set up, one after the other, in a process of its own
+(bench_session.Worker), and then they run round by round: round 1 of every runtime, round 2 of
+every runtime, ... On a machine whose speed drifts (other work; on a shared virtual machine, a
+neighbour on the host's memory bus: the read bandwidth can move twofold within an hour), the drift
+then slows every runtime alike instead of whichever ran at the wrong moment, and the ratios hold.
 
 Set-up is timed apart: model load (torch, hf: the checkpoint, and for hf the conversion to
-transformers), export to ONNX (once; later runs reuse the export cache), session creation, engine
-build (trt). Memory: each runtime is measured in its own process, so its peak resident memory is
-its own: the peak during set-up, and the peak during the measurements (reset before them, on
-Linux), beside the process's resident memory before set-up (Python and the libraries). On CUDA, the
-peak GPU memory in use (NVML) and, for runtimes that allocate through PyTorch, PyTorch's own peak.
+transformers), export to ONNX (once, in a process of its own; later runs reuse the export cache),
+session creation, engine build (trt). Memory is each runtime's own process's: its resident memory
+before set-up (Python and the libraries), the peak during set-up, and the peak during the
+measurements (reset after set-up, on Linux). On CUDA, the GPU memory the process held at its peak
+(NVML, so every allocator counts) and, for runtimes that allocate through PyTorch, PyTorch's own.
 
 Timing: time.perf_counter around each call. step() returns the logits on the host, so a timed step
 includes all of its GPU work; where PyTorch drives a CUDA device the device is also synchronised
@@ -30,25 +37,18 @@ before and after each timed call.
 
 Decode at small batch is bound by memory bandwidth: every weight is read once per step. The report
 sets each CPU runtime's decode step against that floor: (bytes of weights read per step + the KV
-cache at the mean past length) / the machine's read bandwidth (gptdeploy.machine), measured in the
-runtime's process just before and after its measurements (the faster counts): on a shared machine
-the bandwidth moves, so each runtime is set against the bandwidth it had. The report's overall
-figure is measured before and after all the runtimes.
+cache at the mean past length) / the machine's read bandwidth (gptdeploy.machine), measured between
+the timed rounds while every runtime is idle (the median of those measurements).
 """
 
 from __future__ import annotations
 
-import gc
 import json
-import multiprocessing
 import os
-import queue as queue_module
 import statistics
-import sys
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -64,6 +64,7 @@ REPORT_VERSION = 1
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1 + 5 / 32, "int4": 0.5 + 4.5 / 32}
 KV_PRECISION = {"int8": "fp32", "int4": "fp32"}  # weight-only quantization keeps an fp32 KV cache
 OK, UNAVAILABLE, FAILED = "ok", "unavailable", "failed"
+TURN_PAUSE_S = 0.05  # between two runtimes' turns: the last one's spinning worker threads go to sleep
 Progress = Callable[[str, int], None]  # (what is running now, units of work just done)
 
 
@@ -197,77 +198,22 @@ def model_under_test(settings: BenchSettings) -> ModelUnderTest:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Measuring one runtime (in its own process)
+# From raw times to figures
 
 
-class _Clock:
-    """perf_counter, with the CUDA device synchronised around each call where PyTorch drives it."""
-
-    def __init__(self, device: str):
-        self._sync = lambda: None
-        torch = sys.modules.get("torch")
-        if device.startswith("cuda") and torch is not None and torch.cuda.is_initialized():
-            self._sync = lambda: torch.cuda.synchronize(device)
-
-    def time(self, call):
-        self._sync()
-        start = time.perf_counter()
-        result = call()
-        self._sync()
-        return result, time.perf_counter() - start
-
-
-def _token_ids(seed: int, batch: int, length: int, vocab: int) -> np.ndarray:
-    """Fixed token ids, the same for every runtime: [batch, length], from seed and batch."""
-    return np.random.default_rng([seed, batch]).integers(0, vocab, size=(batch, length), dtype=np.int64)
-
-
-def _measure_batch(runner, tokenizer, settings: BenchSettings, batch: int, progress: Progress) -> dict:
-    from gptdeploy.generation import GenerationConfig, generate
-
-    clock = _Clock(runner.device)
-    prompt_len, steps = settings.prompt_len, settings.new_tokens - 1
-    ids = _token_ids(settings.seed, batch, prompt_len + steps, tokenizer.vocab_size)
-    prompt, fed = ids[:, :prompt_len], ids[:, prompt_len:]
-    prompt_positions = np.tile(np.arange(prompt_len), (batch, 1))
-    prefill_s, decode_runs_s, step_s = [], [], []
-
-    for round_index in range(settings.warmup + settings.repeat):
-        timed = round_index >= settings.warmup
-        progress(f"batch {batch}: {'round' if timed else 'warm-up'} {round_index + 1}", 0)
-        mask = np.ones((batch, prompt_len), dtype=np.int64)
-        (_, cache), seconds = clock.time(
-            lambda: runner.step(prompt, mask, prompt_positions, runner.new_cache(batch), last_only=True))
-        round_steps = []
-        for i in range(steps):
-            mask = np.ones((batch, prompt_len + i + 1), dtype=np.int64)
-            positions = np.full((batch, 1), prompt_len + i, dtype=np.int64)
-            (_, cache), step_seconds = clock.time(
-                lambda: runner.step(fed[:, i:i + 1], mask, positions, cache, last_only=True))
-            round_steps.append(step_seconds)
-        del cache
-        if timed:
-            prefill_s.append(seconds)
-            decode_runs_s.append(sum(round_steps))
-            step_s += round_steps
-        progress(f"batch {batch}", 1)
-
-    config = GenerationConfig(max_new_tokens=settings.new_tokens, greedy=True, stop_at_eot=False)
-    ttft_s, total_s = [], []
-    for r in range(settings.repeat):
-        progress(f"batch {batch}: generate {r + 1}", 0)
-        result = generate(runner, tokenizer, prompt.tolist(), config)
-        if result.steps != settings.new_tokens:  # the bench's numbers assume every token was generated
-            raise RuntimeError(f"generate stopped after {result.steps} of {settings.new_tokens} tokens")
-        ttft_s.append(result.prefill_s)
-        total_s.append(result.prefill_s + result.decode_s)
-        progress(f"batch {batch}", 1)
-
+def summarise(settings: BenchSettings, batch: int, rounds: list[dict], generations: list[dict]) -> dict:
+    """The figures of one runtime at one batch size, from its timed rounds and generations
+    (bench_session.RuntimeSession.round and .generate)."""
+    prefill_s = [r["prefill_s"] for r in rounds]
+    decode_runs_s = [sum(r["steps_s"]) for r in rounds]
+    step_s = [s for r in rounds for s in r["steps_s"]]
+    ttft_s, total_s = [g["ttft_s"] for g in generations], [g["total_s"] for g in generations]
+    steps = settings.new_tokens - 1
     p50, p90, p99 = np.percentile(step_s, [50, 90, 99])
     prefill, decode, total = (statistics.median(runs) for runs in (prefill_s, decode_runs_s, total_s))
     return {
         "batch": batch,
-        "prefill": {"latency_ms": prefill * 1e3, "tokens_per_s": batch * prompt_len / prefill,
+        "prefill": {"latency_ms": prefill * 1e3, "tokens_per_s": batch * settings.prompt_len / prefill,
                     "runs_ms": [s * 1e3 for s in prefill_s]},
         "decode": {"steps": steps, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "p99_ms": p99 * 1e3,
                    "mean_ms": float(np.mean(step_s)) * 1e3,
@@ -275,204 +221,6 @@ def _measure_batch(runner, tokenizer, settings: BenchSettings, batch: int, progr
         "generation": {"new_tokens": settings.new_tokens, "ttft_ms": statistics.median(ttft_s) * 1e3,
                        "total_s": total, "tokens_per_s": batch * settings.new_tokens / total, "runs_s": total_s},
     }
-
-
-def _thread_count(runner) -> int | None:
-    session = getattr(runner, "session", None)
-    if session is not None:
-        return session.get_session_options().intra_op_num_threads
-    torch = sys.modules.get("torch")
-    return torch.get_num_threads() if torch is not None and runner.device == "cpu" else None
-
-
-def _cuda_index(device: str | None) -> int:
-    return int(device.split(":")[1]) if device and ":" in device else 0
-
-
-def measure_runtime(settings: BenchSettings, name: str, device: str | None, export_folder: str | None,
-                    progress: Progress) -> dict:
-    """Opens runtime `name` (set-up timed) and measures every batch size. Raises on failure."""
-    from gptdeploy.machine import GpuMemoryMonitor, ResidentMemory, measure_read_bandwidth
-
-    memory = ResidentMemory()
-    memory.reset_peak()
-    process_rss = memory.current_mb()
-    gpu = GpuMemoryMonitor(_cuda_index(device)) if device and device.startswith("cuda") else None
-    runner = None
-    try:
-        if gpu is not None:
-            gpu.start()
-        progress("set-up", 0)
-        runner, tokenizer, setup = _open_timed(settings, name, device, export_folder)
-        setup_peak_rss = memory.peak_mb()
-        setup_peak_gpu = gpu.peak_mb() if gpu is not None else None
-        torch = sys.modules.get("torch")
-        torch_cuda = torch is not None and runner.device.startswith("cuda") and torch.cuda.is_initialized()
-        # The read bandwidth just before and after the measurements: on a shared machine it moves, and
-        # the bandwidth floor of this runtime's decode steps is the one it had (measured outside the peaks).
-        bandwidth = [measure_read_bandwidth(settings.bandwidth_mib, threads=settings.threads)["gb_per_s"]]
-        gc.collect()
-        memory.reset_peak()
-        if gpu is not None:
-            gpu.reset_peak()
-        if torch_cuda:
-            torch.cuda.reset_peak_memory_stats(runner.device)
-
-        batches = [_measure_batch(runner, tokenizer, settings, batch, progress) for batch in settings.batches]
-        memory_report = {
-            "process_rss_mb": process_rss,  # before set-up: the interpreter and the libraries imported so far
-            "setup_peak_rss_mb": setup_peak_rss,
-            "run_peak_rss_mb": memory.peak_mb(),
-            "peak_is_per_phase": memory.resettable,  # False: both peaks are the whole process's
-            "setup_peak_gpu_mb": setup_peak_gpu,
-            "run_peak_gpu_mb": gpu.peak_mb() if gpu is not None else None,
-            "torch_peak_gpu_mb": round(torch.cuda.max_memory_reserved(runner.device) / 1e6, 1) if torch_cuda else None,
-        }
-        bandwidth.append(measure_read_bandwidth(settings.bandwidth_mib, threads=settings.threads)["gb_per_s"])
-        return {
-            "runtime": name, "status": OK, "runner": runner.describe(), "device": runner.device,
-            "precision": runner.precision, "threads": _thread_count(runner), "setup": setup,
-            "memory": memory_report, "read_bandwidth_gb_per_s": bandwidth, "batches": batches,
-        }
-    finally:
-        if gpu is not None:
-            gpu.stop()
-        if runner is not None:
-            runner.close()
-
-
-def _open_timed(settings: BenchSettings, name: str, device: str | None, export_folder: str | None):
-    """The runner, its tokenizer, and the seconds each part of its set-up took."""
-    from runtimes.ort import SessionConfig
-    from runtimes.registry import CHECKPOINT, RUNTIMES, open_runner
-
-    setup: dict[str, float] = {}
-    if RUNTIMES[split_runtime(name)[0]].runs == CHECKPOINT:
-        import torch
-
-        torch.set_num_threads(settings.threads)
-        start = time.perf_counter()
-        runner, tokenizer = open_runner(name, settings.source, precision=settings.precision, device=device,
-                                        weights="random" if settings.random_weights else None,
-                                        weights_seed=settings.seed, progress=False)
-        setup["load_s"] = time.perf_counter() - start
-        return runner, tokenizer, setup
-    if name == "trt":  # build (or find) the engines apart from loading them
-        from exporters.tensorrt import ensure_engines
-
-        start = time.perf_counter()
-        ensure_engines(read_export(export_folder))
-        setup["engine_build_s"] = time.perf_counter() - start
-    session_config = SessionConfig(intra_op_threads=settings.threads, optimization_level=settings.ort_optimization)
-    runtime, variant = split_runtime(name)
-    start = time.perf_counter()
-    runner, tokenizer = open_runner(runtime, export_folder, device=device, session_config=session_config,
-                                    variant=variant)
-    setup["session_s"] = time.perf_counter() - start
-    return runner, tokenizer, setup
-
-
-def export_for_bench(settings: BenchSettings, precision: str) -> dict:
-    """The source exported to ONNX (or found in the export cache), with the ONNX Runtime variants the
-    runtimes name (made once, validated against the model), and the time each part took."""
-    from gptdeploy.export_cache import cached_export, cached_export_path
-    from gptdeploy.loading import load
-
-    start = time.perf_counter()
-    loaded = load(settings.source, weights="random" if settings.random_weights else None, seed=settings.seed)
-    load_s = time.perf_counter() - start
-    path = cached_export_path(loaded, precision)
-    before = read_export(path).manifest.get("created") if is_export_folder(path) else None
-    start = time.perf_counter()
-    folder = cached_export(loaded, precision, progress=False)
-    export_s = time.perf_counter() - start
-    reused = before is not None and read_export(folder).manifest.get("created") == before
-    result = {"folder": str(folder), "load_s": load_s, "export_s": export_s, "export_reused": reused}
-    variants = [v for v in dict.fromkeys(split_runtime(n)[1] for n in settings.runtimes) if v]
-    if variants:
-        from exporters.ort_optimize import optimize_export
-
-        optimized = optimize_export(folder, variants, reference=loaded.model, progress=False)
-        result |= {"optimize_s": optimized.seconds, "variants_reused": not optimized.written}
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------
-# Running the pieces in child processes
-
-
-def _child_main(target: str, args: tuple, messages) -> None:
-    """A spawned process: runs measure_runtime or export_for_bench, sends progress and the result."""
-    def progress(text: str, advance: int) -> None:
-        messages.put(("progress", text, advance))
-
-    try:
-        if target == "measure":
-            result = measure_runtime(*args, progress=progress)
-        else:
-            result = export_for_bench(*args)
-        messages.put(("result", result))
-    except GptDeployError as e:  # what this runtime cannot do (a model it cannot run, a missing GPU)
-        messages.put((UNAVAILABLE, str(e), None))
-    except Exception as e:  # a runtime's crash is one row of the report, not the end of the bench
-        messages.put((FAILED, f"{type(e).__name__}: {e}", traceback.format_exc()))
-
-
-def _run_child(target: str, args: tuple, progress: Progress) -> dict:
-    """Runs _child_main in a fresh (spawned) process; returns its result or raises _ChildFailed."""
-    context = multiprocessing.get_context("spawn")
-    messages = context.Queue()
-    process = context.Process(target=_child_main, args=(target, args, messages), daemon=True)
-    process.start()
-    try:
-        while True:
-            try:
-                message = messages.get(timeout=0.2)
-            except queue_module.Empty:
-                if process.is_alive():
-                    continue
-                try:  # it may have sent its last message just before exiting
-                    message = messages.get(timeout=1.0)
-                except queue_module.Empty:
-                    code = process.exitcode
-                    hint = " (killed: out of memory?)" if code == -9 else ""
-                    raise _ChildFailed(FAILED, f"the benchmark process died with exit code {code}{hint}") from None
-            if message[0] == "progress":
-                progress(message[1], message[2])
-            elif message[0] == "result":
-                return message[1]
-            else:
-                raise _ChildFailed(*message)
-    finally:
-        process.join(timeout=30)
-        if process.is_alive():
-            process.terminate()
-            process.join()
-
-
-class _ChildFailed(Exception):
-    """A runtime that could not be measured: UNAVAILABLE (a GptDeployError) or FAILED (anything else)."""
-
-    def __init__(self, status: str, reason: str, details: str | None = None):
-        super().__init__(reason)
-        self.status, self.reason, self.details = status, reason, details
-
-    def row(self, name: str) -> dict:
-        return {"runtime": name, "status": self.status, "reason": self.reason, "details": self.details}
-
-
-def _run(settings: BenchSettings, target: str, args: tuple, progress: Progress) -> dict:
-    """target in a child process (settings.isolate) or in this one; failures raise _ChildFailed."""
-    if settings.isolate:
-        return _run_child(target, args, progress)
-    try:
-        if target == "measure":
-            return measure_runtime(*args, progress=progress)
-        return export_for_bench(*args)
-    except GptDeployError as e:
-        raise _ChildFailed(UNAVAILABLE, str(e)) from None
-    except Exception as e:
-        raise _ChildFailed(FAILED, f"{type(e).__name__}: {e}", traceback.format_exc()) from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -528,6 +276,7 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
 
     progress: an object with start(name, total) -> Progress and finish(name, status), e.g. RichProgress.
     """
+    from gptdeploy.bench_session import Worker, WorkerFailed
     from gptdeploy.machine import describe_machine, library_versions, load_average, measure_read_bandwidth
 
     settings.check()
@@ -542,10 +291,6 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
     machine = describe_machine()
     threads = settings.threads or machine["physical_cores"]
     settings_used = BenchSettings(**{**asdict(settings), "threads": threads, "precision": model.precision})
-    # Measured before and after the runtimes; the faster counts (other work on the machine only slows it)
-    bandwidth_step = progress.start("memory bandwidth", 2)
-    bandwidths = [measure_read_bandwidth(settings.bandwidth_mib, threads=machine["physical_cores"])]
-    bandwidth_step("measured before the runtimes", 1)
 
     rows: dict[str, dict] = {}
     for name in settings.runtimes:
@@ -553,46 +298,107 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
         if reason:
             rows[name] = {"runtime": name, "status": UNAVAILABLE, "reason": reason}
 
-    export: dict | None = None
+    export: dict = {}
     export_runtimes = [n for n in settings.runtimes if n not in rows and _needs_export(n)]
     if export_runtimes:
         if model.export_folder:
             export = {"folder": model.export_folder}
         else:
-            step = progress.start("export to ONNX", 1)
+            progress.start("export to ONNX", 1)
+            worker = None
             try:
-                export = _run(settings_used, "export", (settings_used, model.precision), step)
+                worker = Worker("export", (settings_used, model.precision), settings.isolate)
+                export = worker.call("run")
                 progress.finish("export to ONNX", OK)
-            except _ChildFailed as e:
+            except WorkerFailed as e:
                 progress.finish("export to ONNX", e.status)
                 e.reason = f"export to ONNX failed: {e.reason}"
                 rows.update({name: e.row(name) for name in export_runtimes})
+            finally:
+                if worker is not None:
+                    worker.close()
 
-    rounds = len(settings.batches) * (settings.warmup + 2 * settings.repeat)
-    for name in settings.runtimes:
-        if name in rows:
-            continue
-        device = _runtime_device(name, settings_used)
-        folder = export["folder"] if _needs_export(name) else None
-        step = progress.start(name, rounds)
-        try:
-            rows[name] = _run(settings_used, "measure", (settings_used, name, device, folder), step)
-            if _needs_export(name) and "load_s" in export:
-                optimized = {"optimize_s": export["optimize_s"], "variants_reused": export["variants_reused"]} \
-                    if split_runtime(name)[1] and "optimize_s" in export else {}
-                rows[name]["setup"] = {"load_s": export["load_s"], "export_s": export["export_s"],
-                                       "export_reused": export["export_reused"], **optimized, **rows[name]["setup"]}
+    turns = len(settings.batches) * (settings.warmup + 2 * settings.repeat)
+    steps: dict[str, Progress] = {}
+    workers: dict[str, Worker] = {}
+
+    def failed(name: str, e: WorkerFailed) -> None:
+        rows[name] = e.row(name)
+        if name in workers:
+            workers.pop(name).close()
+        progress.finish(name, e.status)
+
+    try:
+        for name in settings.runtimes:  # set up one after the other: set-up times are not shared
+            if name in rows:
+                continue
+            steps[name] = progress.start(name, turns + 1)
+            steps[name]("set-up", 0)
+            folder = export.get("folder") if _needs_export(name) else None
+            try:
+                workers[name] = Worker("runtime", (settings_used, name, _runtime_device(name, settings_used),
+                                                   folder), settings.isolate)
+                steps[name]("set up", 1)
+            except WorkerFailed as e:
+                failed(name, e)
+
+        measured = {name: {batch: ([], []) for batch in settings.batches} for name in workers}
+        bandwidth_step = progress.start("memory bandwidth", len(settings.batches) * settings.repeat + 1)
+        bandwidths = []
+
+        def measure_bandwidth() -> None:  # between turns, while every runtime is idle
+            bandwidths.append(measure_read_bandwidth(settings.bandwidth_mib, threads=machine["physical_cores"]))
+            bandwidth_step(f"{bandwidths[-1]['gb_per_s']} GB/s", 1)
+
+        def take_turns(method: str, batch: int, label: str, timed: bool) -> None:
+            for name in list(workers):
+                time.sleep(TURN_PAUSE_S)
+                steps[name](f"batch {batch}: {label}", 0)
+                try:
+                    result = workers[name].call(method, batch)
+                except WorkerFailed as e:
+                    failed(name, e)
+                    continue
+                if timed:
+                    measured[name][batch][0 if method == "round" else 1].append(result)
+                steps[name](f"batch {batch}", 1)
+
+        for batch in settings.batches:
+            for r in range(settings.warmup + settings.repeat):
+                timed = r >= settings.warmup
+                if timed:
+                    measure_bandwidth()
+                take_turns("round", batch, f"round {r - settings.warmup + 1}" if timed else "warm-up", timed)
+            for r in range(settings.repeat):
+                take_turns("generate", batch, f"generate {r + 1}", True)
+        measure_bandwidth()
+        progress.finish("memory bandwidth", OK)
+
+        for name in list(workers):
+            try:
+                finished = workers[name].call("finish")
+            except WorkerFailed as e:
+                failed(name, e)
+                continue
+            if export.get("load_s") is not None and _needs_export(name):  # the export's times, for its runtimes
+                optimized = ({"optimize_s": export["optimize_s"], "variants_reused": export["variants_reused"]}
+                             if split_runtime(name)[1] and "optimize_s" in export else {})
+                finished["setup"] = {"load_s": export["load_s"], "export_s": export["export_s"],
+                                     "export_reused": export["export_reused"], **optimized, **finished["setup"]}
+            rows[name] = {"runtime": name, "status": OK, **finished,
+                          "batches": [summarise(settings_used, batch, *measured[name][batch])
+                                      for batch in settings.batches]}
             progress.finish(name, OK)
-        except _ChildFailed as e:
-            rows[name] = e.row(name)
-            progress.finish(name, e.status)
+    finally:
+        for worker in workers.values():
+            worker.close()
 
-    bandwidths.append(measure_read_bandwidth(settings.bandwidth_mib, threads=machine["physical_cores"]))
-    progress.finish("memory bandwidth", OK)
-    bandwidth = {**max(bandwidths, key=lambda b: b["gb_per_s"]),
-                 "measurements_gb_per_s": [b["gb_per_s"] for b in bandwidths]}
+    bandwidth = {"gb_per_s": statistics.median(b["gb_per_s"] for b in bandwidths),
+                 "samples_gb_per_s": [b["gb_per_s"] for b in bandwidths],
+                 "kernels": [b["kernel"] for b in bandwidths],
+                 **{k: bandwidths[0][k] for k in ("array_mib", "repeats", "threads")}}
     runtimes = [rows[name] for name in settings.runtimes]
-    baseline = _add_comparisons(runtimes, model, settings.prompt_len)
+    baseline = _add_comparisons(runtimes, model, settings.prompt_len, bandwidth["gb_per_s"])
     return {
         "format": REPORT_FORMAT, "format_version": REPORT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -614,12 +420,10 @@ def _needs_export(name: str) -> bool:
     return RUNTIMES[split_runtime(name)[0]].runs != CHECKPOINT
 
 
-def _add_comparisons(runtimes: list[dict], model: ModelUnderTest, prompt_len: int) -> str | None:
+def _add_comparisons(runtimes: list[dict], model: ModelUnderTest, prompt_len: int, gb_per_s: float) -> str | None:
     """Adds to each measured batch its speedups over the baseline and its distance to the bandwidth floor.
 
-    The baseline is hf when it was measured, else the first runtime that was. Returns its name. The
-    floor of a runtime's decode step is computed with the read bandwidth measured around its own
-    measurements (the faster of before and after).
+    The baseline is hf when it was measured, else the first runtime that was. Returns its name.
     """
     measured = [r for r in runtimes if r["status"] == OK]
     if not measured:
@@ -627,7 +431,6 @@ def _add_comparisons(runtimes: list[dict], model: ModelUnderTest, prompt_len: in
     baseline = next((r for r in measured if r["runtime"] == "hf"), measured[0])
     base_batches = {b["batch"]: b for b in baseline["batches"]}
     for runtime in measured:
-        gb_per_s = max(runtime["read_bandwidth_gb_per_s"])
         for b in runtime["batches"]:
             base = base_batches[b["batch"]]
             b["speedup"] = {

@@ -51,8 +51,9 @@ def summary_lines(report: dict) -> list[str]:
         f"machine: {machine['cpu']} · {machine['physical_cores']} cores, {machine['logical_cpus']} logical CPUs · "
         f"{machine['memory_gib']} GiB · {gpus} · {load}",
         f"libraries: {versions} · Python {machine['python']}",
-        f"memory read bandwidth: {bw['gb_per_s']} GB/s ({bw['kernel']}, best of {bw['repeats']}; before and after the "
-        f"runtimes: {', '.join(map(str, bw.get('measurements_gb_per_s', [])))} GB/s); a decode step reads "
+        f"memory read bandwidth: {bw['gb_per_s']:.1f} GB/s, the median of {len(bw['samples_gb_per_s'])} measurements "
+        f"between the rounds ({min(bw['samples_gb_per_s'])} to {max(bw['samples_gb_per_s'])}; each the best of "
+        f"{bw['repeats']} reads of {bw['array_mib']} MiB); a decode step reads "
         f"{weights_mb:.0f} MB of {m['precision']} weights: at least {weights_mb / bw['gb_per_s']:.1f} ms per step "
         f"(+ the KV cache)",
     ]
@@ -115,11 +116,10 @@ def setup_table(report: dict) -> Table:
 FOOTNOTES = [
     "decode: the new tokens after the first, one step each with the KV cache; first token and total: "
     "gptdeploy's generate, greedy.",
-    "bandwidth limit: (weights + KV cache at the mean past length) / the read bandwidth measured around the "
-    "runtime's own measurements, over the p50 decode step; 100% would be a step at the memory-bandwidth limit "
-    "(CPU runtimes only).",
+    "bandwidth limit: (weights + KV cache at the mean past length) / the read bandwidth, over the p50 decode "
+    "step; 100% would be a step at the memory-bandwidth limit (CPU runtimes only).",
     "process RSS: before set-up (interpreter and libraries); peaks: during set-up, and during the "
-    "measurements; each runtime in its own process.",
+    "measurements; each runtime in its own process. The runtimes take turns, round by round.",
 ]
 
 

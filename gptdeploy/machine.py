@@ -4,7 +4,7 @@
 - measure_read_bandwidth(): the memory read bandwidth, the ceiling of a bandwidth-bound decode step.
 - ResidentMemory: the process's resident memory, now and at its peak, with the peak resettable (on
   Linux) so that each phase of a run gets its own.
-- GpuMemoryMonitor: peak GPU memory in use, sampled through NVML, whatever allocated it.
+- GpuMemoryMonitor: the GPU memory this process holds and its peak, through NVML, whatever allocated it.
 
 Needs numpy only; no torch, nothing imported that a measurement would then carry around.
 """
@@ -190,19 +190,24 @@ class _NvmlMemory(ctypes.Structure):
 
 
 class GpuMemoryMonitor:
-    """Peak memory in use on one GPU, sampled every `interval` seconds by NVML in a thread.
+    """The GPU memory this process holds, and its peak, from NVML (so every allocator counts: PyTorch's,
+    ONNX Runtime's, TensorRT's).
 
-    NVML sees every allocation (PyTorch's, ONNX Runtime's, TensorRT's), and every process's: the
-    figure is the peak minus what was in use when the monitor started, so other processes using the
-    GPU at the same time would be counted too. available is False without an NVIDIA driver.
+    NVML reports what the whole device uses, every process included. The monitor samples it (every
+    `interval` seconds) only while this process works, inside `with monitor:`, and counts as this
+    process's what the device holds beyond the others' share at the start of that block (the device's
+    use then, minus what this process held). This is exact while no other process allocates or frees
+    GPU memory during the block, as with gptdeploy bench's workers, which take turns; another user of
+    the GPU at the same time would be counted too. available is False without an NVIDIA driver.
     """
 
     def __init__(self, cuda_index: int = 0, interval: float = 0.005):
         self.interval = interval
+        self.held = self.peak = 0  # bytes this process holds now, and its peak since reset_peak()
         self._lib = self._handle = None
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.baseline = self.peak = 0
+        self._stop = threading.Event()
+        self._others = self._sampled = 0
         try:
             lib = ctypes.CDLL("libnvidia-ml.so.1")
             handle = ctypes.c_void_p()
@@ -230,30 +235,32 @@ class GpuMemoryMonitor:
         self._lib.nvmlDeviceGetMemoryInfo(self._handle, ctypes.byref(info))
         return info.used
 
-    def start(self) -> None:
-        if not self.available:
-            return
-        self.baseline = self.peak = self._used()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+    def __enter__(self):
+        if self.available:
+            self._sampled = used = self._used()
+            self._others = used - self.held
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._used())
+            self._sampled = max(self._sampled, self._used())
 
-    def peak_mb(self) -> float | None:
-        """The peak in use since start() (or reset_peak()), above what was in use at start(), in MB."""
-        if self._thread is None:
-            return None
-        self.peak = max(self.peak, self._used())
-        return round((self.peak - self.baseline) / 1e6, 1)
-
-    def reset_peak(self) -> None:
-        if self._thread is not None:
-            self.peak = self._used()
-
-    def stop(self) -> None:
+    def __exit__(self, *exc):
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._thread = None
+            used = self._used()
+            self.held = max(used - self._others, 0)
+            self.peak = max(self.peak, self._sampled - self._others, self.held)
+        return False
+
+    def peak_mb(self) -> float | None:
+        """The peak this process held since reset_peak() (or creation), in MB; None without NVML."""
+        return round(self.peak / 1e6, 1) if self.available else None
+
+    def reset_peak(self) -> None:
+        self.peak = self.held

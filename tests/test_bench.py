@@ -50,8 +50,8 @@ def test_report_has_every_field(report):
     assert isinstance(machine["gpus"], list) and len(machine["load_average_start"]) == 3
     assert {"numpy", "torch", "onnxruntime", "transformers"} <= set(report["versions"])
     bandwidth = report["memory_bandwidth"]
-    assert len(bandwidth["measurements_gb_per_s"]) == 2  # before and after the runtimes
-    assert bandwidth["gb_per_s"] == max(bandwidth["measurements_gb_per_s"]) > 0
+    assert len(bandwidth["samples_gb_per_s"]) == 2 * 2 + 1  # before each timed round of each batch, and at the end
+    assert bandwidth["gb_per_s"] == np.median(bandwidth["samples_gb_per_s"]) > 0
     model = report["model"]
     assert model["parameters"] == GPT(GPTConfig(**model["config"])).num_params()
     assert [r["runtime"] for r in report["runtimes"]] == ["hf", "torch", "ort"]
@@ -59,7 +59,6 @@ def test_report_has_every_field(report):
         assert runtime["status"] == OK, runtime
         assert runtime["device"] == "cpu" and runtime["precision"] == "fp32" and runtime["threads"] >= 1
         assert runtime["memory"]["run_peak_rss_mb"] > 0 and runtime["memory"]["setup_peak_rss_mb"] > 0
-        assert len(runtime["read_bandwidth_gb_per_s"]) == 2  # just before and after its measurements
         assert [b["batch"] for b in runtime["batches"]] == [1, 2]
         for b in runtime["batches"]:
             prefill, decode, generation = b["prefill"], b["decode"], b["generation"]
@@ -71,7 +70,7 @@ def test_report_has_every_field(report):
             assert set(b["speedup"]) == {"prefill", "decode", "generation"}
             floor = b["bandwidth_floor"]
             assert floor["floor_ms"] > 0 and floor["fraction_of_limit"] == floor["floor_ms"] / decode["p50_ms"]
-            assert floor["read_gb_per_s"] == max(runtime["read_bandwidth_gb_per_s"])
+            assert floor["read_gb_per_s"] == bandwidth["gb_per_s"]
             assert floor["floor_ms"] == pytest.approx(
                 (floor["weight_bytes"] + floor["kv_bytes_mean"]) / (floor["read_gb_per_s"] * 1e9) * 1e3)
     hf, torch_, ort = report["runtimes"]
@@ -119,6 +118,22 @@ def test_a_runtime_that_fails_on_the_model_is_a_row_not_a_crash(tmp_path):
     assert torch_["status"] == OK and report["baseline"] == "torch"
 
 
+def test_a_worker_process_that_dies_is_a_failure_with_its_exit_code():
+    import signal
+
+    from gptdeploy.bench_session import Worker, WorkerFailed
+
+    settings = BenchSettings("tiny", ("torch",), threads=1, **{**SMALL, "batches": (1,)})
+    worker = Worker("runtime", (settings, "torch", "cpu", None))
+    try:
+        assert set(worker.call("round", 1)) == {"prefill_s", "steps_s"}
+        os.kill(worker._process.pid, signal.SIGKILL)
+        with pytest.raises(WorkerFailed, match="died with exit code -9"):
+            worker.call("round", 1)
+    finally:
+        worker.close()
+
+
 def test_json_is_written_whole_and_reads_back(report, tmp_path):
     path = tmp_path / "bench.json"
     write_json(report, path)
@@ -137,6 +152,39 @@ def test_resident_memory_sees_an_allocation_and_resets_its_peak():
     del block
     memory.reset_peak()
     assert memory.peak_mb() < before + 100
+
+
+def test_gpu_memory_monitor_without_nvml_reports_nothing():
+    from gptdeploy.machine import GpuMemoryMonitor
+
+    monitor = GpuMemoryMonitor()
+    if monitor.available:
+        pytest.skip("NVML is available here (test_gpu_memory_monitor_counts_this_process covers it)")
+    with monitor:
+        pass
+    assert monitor.peak_mb() is None and monitor.held == 0
+
+
+@pytest.mark.gpu
+def test_gpu_memory_monitor_counts_this_process():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to PyTorch")
+    from gptdeploy.machine import GpuMemoryMonitor
+
+    monitor = GpuMemoryMonitor(0)
+    assert monitor.available, "a CUDA GPU but no NVML (libnvidia-ml.so.1)"
+    torch.zeros(1, device="cuda")  # the CUDA context, outside the measurement
+    with monitor:
+        block = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+        block.fill_(1)
+        torch.cuda.synchronize()
+    assert monitor.held >= 256 * 2**20 and monitor.peak_mb() >= 268
+    monitor.reset_peak()
+    with monitor:
+        del block
+        torch.cuda.empty_cache()
+    assert monitor.held < 256 * 2**20 and monitor.peak_mb() >= 268  # the peak of the block, held at its start
 
 
 def test_read_bandwidth_is_measured():
