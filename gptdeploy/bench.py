@@ -393,7 +393,7 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
         for worker in workers.values():
             worker.close()
 
-    bandwidth = {"gb_per_s": statistics.median(b["gb_per_s"] for b in bandwidths),
+    bandwidth = {"gb_per_s": round(statistics.median(b["gb_per_s"] for b in bandwidths), 2),
                  "samples_gb_per_s": [b["gb_per_s"] for b in bandwidths],
                  "kernels": [b["kernel"] for b in bandwidths],
                  **{k: bandwidths[0][k] for k in ("array_mib", "repeats", "threads")}}
