@@ -389,9 +389,12 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
                           "batches": [summarise(settings_used, batch, *measured[name][batch])
                                       for batch in settings.batches]}
             progress.finish(name, OK)
-    finally:
+    except BaseException:  # Ctrl-C, or a bug: end the workers now, whatever they are doing
         for worker in workers.values():
-            worker.close()
+            worker.close(wait=False)
+        raise
+    for worker in workers.values():
+        worker.close()
 
     bandwidth = {"gb_per_s": round(statistics.median(b["gb_per_s"] for b in bandwidths), 2),
                  "samples_gb_per_s": [b["gb_per_s"] for b in bandwidths],

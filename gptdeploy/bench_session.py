@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import queue as queue_module
+import signal
 import sys
 import time
 import traceback
@@ -226,6 +227,7 @@ class WorkerFailed(Exception):
 
 def _worker_main(kind: str, args: tuple, commands, messages) -> None:
     """A spawned process: builds KINDS[kind](*args), then runs the methods the parent sends, one at a time."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
     worker = None
     try:
         worker = KINDS[kind](*args)
@@ -292,12 +294,13 @@ class Worker:
                 return message[1]
             raise WorkerFailed(*message)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Ends the worker: asks it to stop (and waits up to 30 s for that) or, wait=False, kills it."""
         if self._local is not None:
             self._local.close()
             self._local = None
         if self._process is not None:
-            if self._process.is_alive():
+            if self._process.is_alive() and wait:
                 self._commands.put(("stop",))
                 self._process.join(timeout=30)
             if self._process.is_alive():
