@@ -110,8 +110,11 @@ class BenchSettings:
             raise GptDeployError("--warmup must be >= 0 and --repeat >= 1")
         if self.threads < 0:
             raise GptDeployError(f"--threads must be >= 0 (0: one per physical core), got {self.threads}")
+        if self.precision in KV_PRECISION:  # int8, int4: weights of ONNX Runtime variants, not a model's dtype
+            raise GptDeployError(f"--precision {self.precision}: quantized weights are ONNX Runtime variants; measure "
+                                 f"them with --variant int8,q4 (or --runtime ort:int8,ort:q4)")
         if self.precision not in (None, *PRECISION_BYTES):
-            raise GptDeployError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISION_BYTES)}")
+            raise GptDeployError(f"unknown precision {self.precision!r}; choose one of fp32, fp16, bf16")
         if self.ort_optimization not in OPTIMIZATION_LEVELS:
             raise GptDeployError(f"unknown graph optimization level {self.ort_optimization!r}; choose one of "
                                  f"{', '.join(OPTIMIZATION_LEVELS)}")

@@ -352,6 +352,7 @@ def fp16_export(lively_export_fp16_path):
     (["generate", "{fp32}", "--variant", "int8", "--precision", "fp16"], "variant int8 runs in int8, not fp16"),
     (["bench", "tiny", "--random", "--runtime", "ort:q9"], "unknown variant 'q9'"),
     (["bench", "tiny", "--random", "--runtime", "hf:q4"], "variants are ONNX Runtime graphs"),
+    (["bench", "tiny", "--random", "--precision", "int8"], "measure them with --variant int8,q4"),
 ])
 def test_errors_are_one_line(args, fragment, lively_export_path, fp16_export, tmp_path):
     paths = {"fp16": fp16_export, "fp32": str(lively_export_path), "missing": str(tmp_path / "nothing")}
