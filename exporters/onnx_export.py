@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import gptdeploy
 from exporters import graphs
 from exporters.hf_files import generation_config, hf_config, hf_tokenizer_files
 from exporters.validate import ValidationReport, validate_export
+from exporters.files import Steps, sha256_file
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import (
     FORMAT,
@@ -75,7 +75,7 @@ def export_onnx(loaded: LoadedModel, out_dir: str | Path, *, precision: str = "f
     check_opset(opset)
     out_dir = Path(out_dir).expanduser().absolute()
     check_destination(out_dir, force)
-    steps = _Steps(progress)
+    steps = Steps(progress)
 
     reference = loaded.model
     if next(reference.parameters()).dtype != torch.float32 or next(reference.parameters()).device.type != "cpu":
@@ -297,36 +297,9 @@ def _manifest(loaded: LoadedModel, precision: str, opset: int, graph_specs: dict
         "tokenizer": tokenizer_spec,
         "fp16_kept_in_fp32": graphs.FP16_KEPT_IN_FP32 if precision == "fp16" else [],
         "graphs": graph_specs,
-        "files": {f.relative_to(folder).as_posix(): _sha256(f) for f in files},
+        "files": {f.relative_to(folder).as_posix(): sha256_file(f) for f in files},
         "validation": report.to_dict(),
     }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class _Steps:
-    """Status lines on stderr for the long steps: a spinner while one runs, its time when done."""
-
-    def __init__(self, enabled: bool):
-        from rich.console import Console
-
-        self.console = Console(stderr=True) if enabled else None
-
-    @contextlib.contextmanager
-    def step(self, what: str):
-        if self.console is None:
-            yield
-            return
-        start = time.perf_counter()
-        with self.console.status(f"{what} ..."):
-            yield
-        self.console.print(f"[green]✓[/green] {what} ({time.perf_counter() - start:.1f} s)")
 
 
 def default_out_dir(source: str, precision: str) -> Path:

@@ -41,7 +41,6 @@ import collections
 import contextlib
 import datetime
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.files import Steps, sha256_file
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import (
     KV_CONCAT,
@@ -142,7 +142,7 @@ def optimize_export(folder: ExportFolder | str | Path, variants=DEFAULT_VARIANTS
 
     from exporters.validate_variants import bounds_for, validate_variant
 
-    steps = _Steps(progress)
+    steps = Steps(progress)
     tmp = Path(tempfile.mkdtemp(prefix=".optimize-", dir=folder.path))
     try:
         with steps.step(f"Fusing {folder.graph_path(WITH_PAST).relative_to(folder.path)} for ONNX Runtime"):
@@ -508,7 +508,7 @@ def _move_into_place(tmp: Path, folder: ExportFolder, entries: dict[str, dict]) 
     manifest = read_export(folder.path).manifest  # as it is now (another optimize may have added variants)
     manifest.setdefault("variants", {}).update(entries)
     manifest["variants"] = {name: manifest["variants"][name] for name in VARIANTS if name in manifest["variants"]}
-    manifest["files"].update({relative: _sha256(folder.path / relative) for relative in moved})
+    manifest["files"].update({relative: sha256_file(folder.path / relative) for relative in moved})
     manifest["files"] = dict(sorted(manifest["files"].items()))
     manifest["versions"] = {**manifest.get("versions", {}), "onnxruntime": onnxruntime.__version__,
                             "onnxscript": onnxscript.__version__}
@@ -522,14 +522,6 @@ def _move_into_place(tmp: Path, folder: ExportFolder, entries: dict[str, dict]) 
     except BaseException:
         Path(tmp_manifest).unlink(missing_ok=True)
         raise
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -546,22 +538,3 @@ def _quiet():
         finally:
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
-
-
-class _Steps:
-    """Status lines on stderr for the long steps: a spinner while one runs, its time when done."""
-
-    def __init__(self, enabled: bool):
-        from rich.console import Console
-
-        self.console = Console(stderr=True) if enabled else None
-
-    @contextlib.contextmanager
-    def step(self, what: str):
-        if self.console is None:
-            yield
-            return
-        start = time.perf_counter()
-        with self.console.status(f"{what} ..."):
-            yield
-        self.console.print(f"[green]✓[/green] {what} ({time.perf_counter() - start:.1f} s)")

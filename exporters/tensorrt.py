@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
+from exporters.files import sha256_file
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import MANIFEST, NO_PAST, PRECISION_SUFFIXES, WITH_PAST, ExportFolder
 
@@ -150,14 +151,6 @@ def _dim_value(dim: int | str, values: dict[str, int], tensor: str) -> int:
         else:
             raise GptDeployError(f"input {tensor} has a dimension {dim!r} that this gptdeploy does not know")
     return total
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
