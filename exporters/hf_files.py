@@ -7,10 +7,10 @@ shape and special tokens from these, with the keys of transformers' GPT2Config.
 
 from __future__ import annotations
 
+from gptdeploy.loading import HF_ACTIVATIONS
 from gptdeploy.model import GPTConfig
 from gptdeploy.tokenizer import ENDOFTEXT, Tokenizer
 
-HF_ACTIVATIONS = {"tanh": "gelu_new", "exact": "gelu"}  # the inverse of loading.config_from_hf's table
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 

@@ -1,46 +1,34 @@
-"""`export_onnx`: a loaded GPT to a self-describing ONNX model folder, validated before it exists.
+"""torch to ONNX: the two graphs of an export folder, its side files, and what the manifest records of them.
 
-The steps: trace both graphs with torch.onnx (dynamo) into a temporary folder beside the
-destination, write the Hugging Face side files and the tokenizer, check the graphs (onnx.checker
-with shape inference), run them in ONNX Runtime against the reference model (exporters.validate),
-write the manifest last, and only then rename the folder into place. A failure at any step removes
-the temporary folder, so no folder ever claims a success that did not happen.
+    specs = write_graphs(model, folder, precision="fp32", opset=18, progress=progress)
+    tokenizer_spec = write_side_files(loaded, folder, "fp32")
+    check_graphs(folder, specs)
+
+The graphs are traced with the current torch.onnx exporter (dynamo=True, with its optimizer), their IO
+given the export contract's names and symbolic dimensions (gptdeploy.export_folder), and checked with
+onnx.checker (full check: strict shape inference). This module writes into the folder it is given and
+nothing else: validating the result against the reference, writing the manifest and moving the folder
+into place is the application's (gptdeploy.app.exporting), so that no folder looks complete before it
+has been validated.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import datetime
-import json
-import logging
+import importlib.metadata
 import os
 import shutil
-import tempfile
-import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import gptdeploy
-from exporters import graphs
-from exporters.hf_files import generation_config, hf_config, hf_tokenizer_files
-from exporters.validate import ValidationReport, validate_export
-from exporters.files import Steps, sha256_file
 from gptdeploy.errors import GptDeployError
-from gptdeploy.export_folder import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    NO_PAST,
-    PRECISION_SUFFIXES,
-    WITH_PAST,
-    graph_file,
-    io_signature,
-)
+from gptdeploy.export_folder import NO_PAST, PRECISION_SUFFIXES, WITH_PAST, graph_file, io_signature
+from gptdeploy.exporters import graphs
+from gptdeploy.exporters.hf_files import generation_config, hf_config, hf_tokenizer_files
 from gptdeploy.loading import LoadedModel
+from gptdeploy.model import GPT, LayerNorm
+from gptdeploy.progress import Progress, quiet_libraries
 from gptdeploy.tokenizer import GPT2_RANKS_FILE, CharTokenizer, read_tiktoken_ranks
 
 # torchlib, the exporter's operator library, is written for opset 18; the exporter converts to
@@ -49,75 +37,7 @@ DEFAULT_OPSET = 18
 MIN_OPSET = 18
 # Protobuf cannot hold a file over 2 GiB: above this many bytes of weights, they go to <graph>.onnx_data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-
-
-@dataclass
-class ExportResult:
-    path: Path  # the export folder
-    manifest: dict  # what gptdeploy.json holds
-    validation: ValidationReport
-    size_bytes: int  # all files of the folder
-    seconds: float  # the whole export, validation included
-
-
-def export_onnx(loaded: LoadedModel, out_dir: str | Path, *, precision: str = "fp32", opset: int | None = None,
-                force: bool = False, progress: bool = True) -> ExportResult:
-    """Exports `loaded` into the folder `out_dir` (see gptdeploy.export_folder for its layout).
-
-    precision: "fp32" or "fp16" (graphs in fp16 keep graphs.FP16_KEPT_IN_FP32 in fp32).
-    opset: the ONNX opset of the graphs, DEFAULT_OPSET when None.
-    force: replace an existing export folder at out_dir.
-    Raises GptDeployError for bad arguments, an unwritable or occupied destination, and a failed validation.
-    """
-    start = time.perf_counter()
-    check_precision(precision)
-    opset = DEFAULT_OPSET if opset is None else opset
-    check_opset(opset)
-    out_dir = Path(out_dir).expanduser().absolute()
-    check_destination(out_dir, force)
-    steps = Steps(progress)
-
-    reference = loaded.model
-    if next(reference.parameters()).dtype != torch.float32 or next(reference.parameters()).device.type != "cpu":
-        reference = copy.deepcopy(reference).float().cpu()
-    reference.eval()
-
-    tmp = _make_temp_folder(out_dir)
-    try:
-        graph_model = graphs.fp16_model(reference) if precision == "fp16" else reference
-        graph_specs = {}
-        for role in (WITH_PAST, NO_PAST):
-            file = graph_file(role, precision)
-            signature = io_signature(loaded.config.to_dict(), role, precision)
-            with steps.step(f"Tracing {file}"):
-                ir_model = _trace(role, graph_model, opset, signature)
-            with steps.step(f"Saving {file}"):
-                external = _save(ir_model, tmp / file)
-            del ir_model
-            graph_specs[role] = {"file": file, "external_data": external, **signature}
-        del graph_model
-
-        with steps.step("Writing config.json, generation_config.json and the tokenizer"):
-            tokenizer_spec = _write_side_files(loaded, tmp, precision)
-        with steps.step("Checking the graphs (onnx.checker, shape inference)"):
-            for spec in graph_specs.values():
-                _check_graph(tmp / spec["file"])
-        with steps.step("Validating in ONNX Runtime against the reference model"):
-            report = validate_export(tmp, reference, precision, token_limit=loaded.tokenizer.vocab_size)
-        if not report.passed:
-            raise GptDeployError(f"export failed validation, nothing written: {report.failures()}")
-
-        manifest = _manifest(loaded, precision, opset, graph_specs, tokenizer_spec, report, tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _move_into_place(tmp, out_dir)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise GptDeployError(f"cannot write the export folder {out_dir}: {e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
-    return ExportResult(out_dir, manifest, report, size, time.perf_counter() - start)
+QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")
 
 
 def check_precision(precision: str) -> None:
@@ -138,60 +58,32 @@ def check_opset(opset: int) -> None:
         )
 
 
-def check_destination(out_dir: Path, force: bool) -> None:
-    """Refuses, before any work, a destination that exists (without force) or that is not ours to replace."""
-    if not out_dir.exists():
-        return
-    if not force:
-        raise GptDeployError(f"{out_dir} already exists; pass --force to replace it")
-    if not out_dir.is_dir():
-        raise GptDeployError(f"{out_dir} exists and is not a folder; refusing to replace it")
-    if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise GptDeployError(f"{out_dir} is not an export folder (no {MANIFEST}); refusing to replace it, even with --force")
+def write_graphs(model: GPT, folder: Path, *, precision: str, opset: int, progress: Progress) -> dict[str, dict]:
+    """Traces and saves both graphs of `model` (fp32, on the CPU) into `folder`; returns the manifest's
+    "graphs" entries (file, external data file, IO signature) by role."""
+    graph_model = graphs.fp16_model(model) if precision == "fp16" else model
+    specs = {}
+    for role in (WITH_PAST, NO_PAST):
+        file = graph_file(role, precision)
+        signature = io_signature(model.config.to_dict(), role, precision)
+        with progress.step(f"Tracing {file}"):
+            ir_model = _trace(role, graph_model, opset, signature)
+        with progress.step(f"Saving {file}"):
+            external = save_graph(ir_model, folder / file)
+        del ir_model
+        specs[role] = {"file": file, "external_data": external, **signature}
+    return specs
 
 
-def _make_temp_folder(out_dir: Path) -> Path:
-    """An empty folder beside out_dir, so that the final rename stays on one file system."""
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    except OSError as e:
-        raise GptDeployError(f"cannot write the export folder in {out_dir.parent}: {e.strerror or e}") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
-    return tmp
+def check_graphs(folder: Path, specs: dict[str, dict]) -> None:
+    """onnx.checker with strict shape inference on every graph; one clear error for the first that fails."""
+    import onnx
 
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    os.replace(out_dir, old / out_dir.name)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        os.replace(old / out_dir.name, out_dir)  # put the previous export back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """torch.onnx's own progress lines, its warnings and its optional-dependency logs would bury ours."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")) as devnull:  # noqa: SIM115
-        warnings.simplefilter("ignore")
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
+    for spec in specs.values():
         try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels):
-                logger.setLevel(level)
-            devnull.close()
+            onnx.checker.check_model(str(folder / spec["file"]), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            raise GptDeployError(f"{spec['file']} fails onnx.checker: {str(e).splitlines()[0]}") from e
 
 
 def _trace(role: str, model, opset: int, signature: dict):
@@ -200,7 +92,7 @@ def _trace(role: str, model, opset: int, signature: dict):
 
     n_layer = model.config.n_layer
     try:
-        with _quiet_exporter():
+        with quiet_libraries(*QUIET_LOGGERS):
             program = torch.onnx.export(
                 graphs.graph_module(role, model), graphs.example_inputs(role, model), dynamo=True,
                 dynamic_shapes=graphs.dynamic_shapes(role, n_layer), input_names=graphs.input_names(role, n_layer),
@@ -230,8 +122,10 @@ def _trace(role: str, model, opset: int, signature: dict):
 _IR_DTYPES = {"int64": "int64", "float32": "float", "float16": "float16"}
 
 
-def _save(ir_model, path: Path) -> str | None:
-    """Saves the graph; weights past EXTERNAL_DATA_THRESHOLD go to <name>_data beside it. Returns that file."""
+def save_graph(ir_model, path: Path) -> str | None:
+    """Saves an onnx_ir graph; weights past EXTERNAL_DATA_THRESHOLD bytes go to <name>_data beside it (the
+    name Optimum and transformers.js use, referred to relative to the graph). Returns that file relative to
+    the export folder, or None."""
     import onnx_ir as ir
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,28 +133,19 @@ def _save(ir_model, path: Path) -> str | None:
     if weight_bytes <= EXTERNAL_DATA_THRESHOLD:
         ir.save(ir_model, path)
         return None
-    data = path.with_name(path.name + "_data")  # model.onnx_data: the name Optimum and transformers.js use
-    ir.save(ir_model, path, external_data=data.name)  # the reference in the graph is relative to the graph
-    return data.relative_to(path.parent.parent).as_posix()
+    data = path.with_name(path.name + "_data")
+    ir.save(ir_model, path, external_data=data.name)
+    return f"{path.parent.name}/{data.name}"
 
 
-def _check_graph(path: Path) -> None:
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path), full_check=True)  # full_check: strict shape inference too
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise GptDeployError(f"{path.name} fails onnx.checker: {str(e).splitlines()[0]}") from e
-
-
-def _write_side_files(loaded: LoadedModel, folder: Path, precision: str) -> dict:
+def write_side_files(loaded: LoadedModel, folder: Path, precision: str) -> dict:
     """config.json, generation_config.json and the tokenizer file(s); returns the manifest's tokenizer entry.
 
     GPT-2 BPE also gets tokenizer.json and tokenizer_config.json, for transformers and transformers.js.
     """
     tokenizer = loaded.tokenizer
-    (folder / "config.json").write_text(json.dumps(hf_config(loaded.config, tokenizer, precision), indent=2) + "\n")
-    (folder / "generation_config.json").write_text(json.dumps(generation_config(loaded.config, tokenizer), indent=2) + "\n")
+    (folder / "config.json").write_text(json_text(hf_config(loaded.config, tokenizer, precision)))
+    (folder / "generation_config.json").write_text(json_text(generation_config(loaded.config, tokenizer)))
     if isinstance(tokenizer, CharTokenizer):
         source = next((f for f in loaded.files if f.name == "meta.pkl"), None)
         if source is None:
@@ -270,40 +155,65 @@ def _write_side_files(loaded: LoadedModel, folder: Path, precision: str) -> dict
         source, kind, name = tokenizer.ranks_path, "gpt2-bpe", GPT2_RANKS_FILE
         ranks = read_tiktoken_ranks(source, None)
         hf_tokenizer, hf_tokenizer_config = hf_tokenizer_files(ranks, tokenizer.eot_id, loaded.config.block_size)
-        (folder / "tokenizer.json").write_text(json.dumps(hf_tokenizer, ensure_ascii=False), encoding="utf-8")
-        (folder / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config, indent=2) + "\n")
+        (folder / "tokenizer.json").write_text(json_text(hf_tokenizer, indent=None), encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(json_text(hf_tokenizer_config))
     shutil.copyfile(source, folder / name)
     return {"type": kind, "file": name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
 
 
-def _manifest(loaded: LoadedModel, precision: str, opset: int, graph_specs: dict, tokenizer_spec: dict,
-              report: ValidationReport, folder: Path) -> dict:
-    import onnx
-    import onnxruntime
-    import onnxscript
+def json_text(value, indent: int | None = 2) -> str:
+    import json
 
-    files = sorted(f for f in folder.rglob("*") if f.is_file())
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "gptdeploy_version": gptdeploy.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"source": loaded.source, "origin": loaded.origin, "sha256": loaded.fingerprint},
-        "config": loaded.config.to_dict(),
-        "precision": precision,
-        "opset": opset,
-        "versions": {"gptdeploy": gptdeploy.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                     "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__},
-        "tokenizer": tokenizer_spec,
-        "fp16_kept_in_fp32": graphs.FP16_KEPT_IN_FP32 if precision == "fp16" else [],
-        "graphs": graph_specs,
-        "files": {f.relative_to(folder).as_posix(): sha256_file(f) for f in files},
-        "validation": report.to_dict(),
-    }
+    return json.dumps(value, indent=indent, ensure_ascii=indent is not None) + ("\n" if indent else "")
 
 
-def default_out_dir(source: str, precision: str) -> Path:
-    """./NAME-onnx in the current folder (NAME-onnx-fp16 for fp16): NAME is the preset, or the folder of the checkpoint."""
-    path = Path(source).expanduser()
-    name = path.resolve().parent.name if path.is_file() else (path.resolve().name if path.exists() else source)
-    return Path(f"{name}-onnx" + ("-fp16" if precision == "fp16" else ""))
+def versions() -> dict[str, str]:
+    """The versions of what made the graphs, for the manifest."""
+    found = {"gptdeploy": gptdeploy.__version__, "torch": torch.__version__}
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+FP16_MAX = 65504.0
+
+
+@torch.no_grad()
+def fp16_ranges(reference: GPT, ids, mask, positions) -> dict:
+    """The reference's largest activations where fp16 could overflow (its largest finite value is 65504).
+
+    ids, mask, positions: numpy or torch int64 [batch, seq]. residual_stream: |x| entering each block
+    and ln_f; layernorm_sum_of_squares: sum of x^2 over the features of a LayerNorm input, what an
+    fp16 variance would accumulate; attention_scores: |q.k|/sqrt(head_dim); mlp_hidden: |c_fc output|;
+    logits: |logits|.
+    """
+    ids, mask, positions = (torch.as_tensor(a) for a in (ids, mask, positions))
+    ranges = dict.fromkeys(["residual_stream", "layernorm_sum_of_squares", "attention_scores", "mlp_hidden", "logits"], 0.0)
+
+    def record(key, value):
+        ranges[key] = max(ranges[key], float(value))
+
+    def on_layernorm(_module, args):
+        record("residual_stream", args[0].abs().max())
+        record("layernorm_sum_of_squares", args[0].pow(2).sum(-1).max())
+
+    def on_qkv(module, _args, out):
+        q, k, _ = out.split(out.shape[-1] // 3, dim=-1)
+        heads = reference.config.n_head
+        q = q.view(*q.shape[:2], heads, -1).transpose(1, 2)
+        k = k.view(*k.shape[:2], heads, -1).transpose(1, 2)
+        record("attention_scores", (q @ k.transpose(-1, -2)).abs().max() / q.shape[-1] ** 0.5)
+
+    hooks = [m.register_forward_pre_hook(on_layernorm) for m in reference.modules() if isinstance(m, LayerNorm)]
+    for block in reference.transformer.h:
+        hooks.append(block.attn.c_attn.register_forward_hook(on_qkv))
+        hooks.append(block.mlp.c_fc.register_forward_hook(lambda _m, _a, out: record("mlp_hidden", out.abs().max())))
+    try:
+        record("logits", reference(ids, attention_mask=mask, position_ids=positions).logits.abs().max())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {key: {"max": value, "fraction_of_fp16_max": value / FP16_MAX} for key, value in ranges.items()}

@@ -1,3 +1,3 @@
-from gptdeploy.cli import main
+from gptdeploy.app.cli import main
 
 main()

@@ -1,6 +1,7 @@
-"""The exported model folder: its layout, IO names, and a reader that needs no torch.
+"""The export folder: its layout, its IO contract, its manifest, and reading and writing it.
 
-This is public API that other apps build on; change it only deliberately (and say so in the README).
+This is public API that other apps build on; change it only deliberately, and say so in
+docs/export-folder.md. Reading needs neither torch nor onnx.
 
     <folder>/
       onnx/model.onnx            decoder with KV-cache inputs (the Optimum / transformers.js / genai "decoder")
@@ -9,27 +10,35 @@ This is public API that other apps build on; change it only deliberately (and sa
       (fp16 exports name them model_fp16.onnx / decoder_model_fp16.onnx, after transformers.js' dtype suffixes)
       config.json                Hugging Face GPT-2 keys
       generation_config.json
-      gpt2.tiktoken | meta.pkl   the tokenizer
+      gpt2.tiktoken | meta.pkl   the tokenizer (+ tokenizer.json, tokenizer_config.json for GPT-2's BPE)
       gptdeploy.json             the manifest: source and hash, versions, opset, precision, IO signature,
                                  sha256 of every file, validation results
       onnx/model_fused.onnx, model_fp16.onnx, model_int8.onnx, model_q4.onnx
-                                 optional ONNX Runtime variants of model.onnx (gptdeploy optimize;
-                                 exporters.ort_optimize), listed in the manifest's "variants"
+                                 optional ONNX Runtime variants of model.onnx (gptdeploy optimize),
+                                 listed in the manifest's "variants"
+      trt/prefill.engine, trt/decode.engine
+                                 optional TensorRT engines (gptdeploy build-engine), in "engines"
 
 Inputs of onnx/model.onnx: input_ids int64 [batch, sequence_length]; attention_mask int64
 [batch, past_sequence_length + sequence_length]; position_ids int64 [batch, sequence_length];
 past_key_values.{i}.key / .value [batch, n_head, past_sequence_length, head_dim] in the graph's
 precision. Outputs: logits float32 [batch, sequence_length, vocab]; present.{i}.key / .value
 [batch, n_head, past_sequence_length + sequence_length, head_dim].
+
+Writing: a new export is assembled in a hidden folder beside its destination and moved into place
+whole, manifest last (gptdeploy.files); a change to an existing export (variants, engines) moves its
+new files in first and rewrites the manifest last, so the manifest never lists a file that is not there.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from gptdeploy.errors import GptDeployError
+from gptdeploy.files import sha256_file, write_atomic
 from gptdeploy.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 MANIFEST = "gptdeploy.json"
@@ -38,16 +47,14 @@ FORMAT_VERSION = 1
 WITH_PAST = "with_past"  # graph roles, the keys of the manifest's "graphs"
 NO_PAST = "no_past"
 GRAPH_STEMS = {WITH_PAST: "model", NO_PAST: "decoder_model"}
-PRECISION_SUFFIXES = {"fp32": "", "fp16": "_fp16"}
-# ONNX element types by the names the manifest uses
-DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)", "float16": "tensor(float16)"}
-
+PRECISION_SUFFIXES = {"fp32": "", "fp16": "_fp16"}  # the precisions an export's graphs come in
 
 # Symbolic dimension names in the graphs' inputs and outputs
 BATCH = "batch_size"
 SEQUENCE = "sequence_length"
 PAST_SEQUENCE = "past_sequence_length"
 TOTAL_SEQUENCE = "past_sequence_length + sequence_length"
+INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,6 @@ VARIANTS: dict[str, Variant] = {
         Variant("q4", "onnx/model_q4.onnx", "int4", "fused operators, 4-bit block-quantized weights (CPU)"),
     ]
 }
-# The precision names that stand for a variant (gptdeploy generate/parity/bench --precision int8).
-VARIANT_OF_PRECISION = {"int8": "int8", "int4": "q4", "q4": "q4", "fp32-fused": "fp32-fused"}
 # How a variant's KV cache is passed (the manifest's variants.<name>.kv_cache):
 # KV_CONCAT: as in model.onnx, present = past + this step's keys/values, a new tensor each step.
 # KV_SHARED_BUFFER: the past may be a preallocated buffer longer than the cache (its length is the
@@ -83,11 +88,20 @@ VARIANT_OF_PRECISION = {"int8": "int8", "int4": "q4", "q4": "q4", "fp32-fused": 
 KV_CONCAT, KV_SHARED_BUFFER = "concat", "shared-buffer"
 # An optional int64 scalar input of the variants: the logits of the last N positions only (0: all).
 LOGITS_TO_KEEP = "num_logits_to_keep"
+# TensorRT engines (gptdeploy build-engine): the prefill engine is built from the no-past graph, the
+# decode engine from the graph with past; the manifest's "engines" records each (see gptdeploy.engines).
+ENGINE_DIR = "trt"
+PREFILL, DECODE = "prefill", "decode"
+ENGINE_GRAPHS = {PREFILL: NO_PAST, DECODE: WITH_PAST}
 
 
 def graph_file(role: str, precision: str = "fp32") -> str:
     """Path of a graph inside the folder, e.g. graph_file(WITH_PAST, "fp16") == "onnx/model_fp16.onnx"."""
     return f"onnx/{GRAPH_STEMS[role]}{PRECISION_SUFFIXES[precision]}.onnx"
+
+
+def engine_file(engine: str, precision: str) -> str:
+    return f"{ENGINE_DIR}/{engine}{PRECISION_SUFFIXES[precision]}.engine"
 
 
 def past_names(n_layer: int) -> list[str]:
@@ -123,9 +137,9 @@ def io_signature(config: dict, role: str, precision: str) -> dict:
     return {"inputs": inputs, "outputs": outputs}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportFolder:
-    """An exported model folder, read from its manifest."""
+    """An exported model folder, read from its manifest. Immutable: a change to the folder gives a new one."""
 
     path: Path
     manifest: dict
@@ -139,6 +153,11 @@ class ExportFolder:
     def precision(self) -> str:
         return self.manifest["precision"]
 
+    @property
+    def source(self) -> dict:
+        """What the export was made from: {"source", "origin", "sha256"}."""
+        return self.manifest.get("source", {})
+
     def graph_path(self, role: str) -> Path:
         return self.path / self.manifest["graphs"][role]["file"]
 
@@ -146,6 +165,11 @@ class ExportFolder:
     def variants(self) -> dict[str, dict]:
         """The ONNX Runtime variants this folder holds: name -> manifest entry (file, precision, ...)."""
         return self.manifest.get("variants", {})
+
+    @property
+    def engines(self) -> dict[str, dict]:
+        """The TensorRT engines this folder holds: prefill / decode -> manifest entry."""
+        return self.manifest.get("engines") or {}
 
     def variant(self, name: str) -> dict:
         """The manifest entry of variant `name`; one clear error if the folder does not hold it."""
@@ -165,7 +189,7 @@ class ExportFolder:
         return BPETokenizer(file)
 
 
-def is_export_folder(path: Path) -> bool:
+def is_export_folder(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
@@ -177,13 +201,14 @@ def read_export(path: str | Path) -> ExportFolder:
         raise GptDeployError(f"{path} is not a gptdeploy export folder (no {MANIFEST})")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GptDeployError(f"cannot read {manifest_path}: {e}") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise GptDeployError(
-            f"{manifest_path} is format {manifest.get('format')!r} version {manifest.get('format_version')}; "
-            f"this gptdeploy reads {FORMAT!r} up to version {FORMAT_VERSION}"
-        )
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or manifest.get("format_version", 0) > FORMAT_VERSION:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise GptDeployError(f"{manifest_path} is format {found!r} version {version}; this gptdeploy reads "
+                             f"{FORMAT!r} up to version {FORMAT_VERSION}")
     folder = ExportFolder(path, manifest)
     for role in manifest["graphs"]:
         if not folder.graph_path(role).is_file():
@@ -192,3 +217,40 @@ def read_export(path: str | Path) -> ExportFolder:
         if not (path / entry["file"]).is_file():
             raise GptDeployError(f"{path} is incomplete: {entry['file']} (variant {name}) is missing")
     return folder
+
+
+def check_destination(out_dir: Path, force: bool) -> None:
+    """Refuses, before any work, a destination that exists (without force) or that is not ours to replace."""
+    if not out_dir.exists():
+        return
+    if not force:
+        raise GptDeployError(f"{out_dir} already exists; pass --force to replace it")
+    if not out_dir.is_dir():
+        raise GptDeployError(f"{out_dir} exists and is not a folder; refusing to replace it")
+    if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise GptDeployError(f"{out_dir} is not an export folder (no {MANIFEST}); refusing to replace it, even with --force")
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    """Writes gptdeploy.json into a complete folder, with the sha256 of every other file in it; returns it."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST)
+    manifest = {**manifest, "files": {f.relative_to(folder).as_posix(): sha256_file(f) for f in files}}
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def update_manifest(folder: ExportFolder, changes: dict, new_files: dict[str, str]) -> ExportFolder:
+    """Merges `changes` (top-level keys; dict values are merged one level deep) and the sha256 of
+    `new_files` (relative path -> sha256) into the manifest as it is on disk now, and rewrites it
+    atomically. Returns the folder as it now is."""
+    manifest = read_export(folder.path).manifest  # another process may have added something meanwhile
+    for key, value in changes.items():
+        manifest[key] = {**manifest.get(key, {}), **value} if isinstance(value, dict) else value
+    manifest["files"] = dict(sorted({**manifest.get("files", {}), **new_files}.items()))
+    mode = (folder.path / MANIFEST).stat().st_mode & 0o777
+    write_atomic(folder.path / MANIFEST, json.dumps(manifest, indent=2) + "\n", mode=mode)
+    return ExportFolder(folder.path, manifest)

@@ -25,6 +25,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Hugging Face's GPT-2 stores these projections as Conv1D, [in, out]: transposed relative to nn.Linear.
 HF_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# transformers' activation_function for our GELU forms; config_from_hf reads them back
+HF_ACTIVATIONS = {"tanh": "gelu_new", "exact": "gelu"}
 # Metadata keys of the safetensors files gptdeploy writes (scripts/train_shakespeare.py)
 CONFIG_KEY, TOKENIZER_KEY = "gptdeploy.config", "gptdeploy.tokenizer"
 
@@ -200,8 +202,12 @@ def _hub_files(repo: str, filenames: list[str]) -> list[str]:
         return [hf_hub_download(repo, f, local_files_only=True) for f in filenames]
     except LocalEntryNotFoundError:
         pass
+    verbosity = hub_logging.get_verbosity()
     hub_logging.set_verbosity_error()  # its retry warnings would bury our one-line error
-    return [hf_hub_download(repo, f) for f in filenames]
+    try:
+        return [hf_hub_download(repo, f) for f in filenames]
+    finally:
+        hub_logging.set_verbosity(verbosity)
 
 
 def config_from_hf(hf: dict) -> GPTConfig:

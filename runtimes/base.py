@@ -4,12 +4,15 @@ A runner is what a runtime needs to take part in generation, parity and benchmar
 (Polygraphy's split: loaders build a runner, runners run, a comparator compares). numpy is the
 currency at the boundary, so neither ONNX Runtime nor the generation loop needs torch.
 
-    runner = OrtRunner(read_export("out/tiny"))
+    runner = OrtRunner(read_export("out/tiny"))         # or RUNTIMES["ort"].open(folder, OpenOptions())
     cache = runner.new_cache(batch=1)
     logits, cache = runner.step(input_ids, attention_mask, position_ids, cache, last_only=True)
 
 The cache is opaque: a caller only passes it back into the next step (and, to compare runtimes,
 reads it with cache_to_numpy). A runner never changes a cache in place, so an old cache stays valid.
+
+A runner opens what already exists: an export folder, its engines, a loaded model. It never exports,
+optimizes or builds anything; the application layer (gptdeploy.app.sources) makes what is missing first.
 """
 
 from __future__ import annotations
@@ -20,7 +23,28 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from gptdeploy.errors import GptDeployError
+
 Cache = Any  # each runner's own type; callers treat it as opaque
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """How a runner is asked to open what it runs (each runtime reads what applies to it)."""
+
+    device: str | None = None  # "cpu", "cuda", "cuda:N"; None: the runtime's own default
+    variant: str | None = None  # ONNX Runtime: a variant of the export (gptdeploy.export_folder.VARIANTS)
+    threads: int = 0  # intra-op threads of ONNX Runtime; 0: its default (one per core)
+    optimization: str = "all"  # ONNX Runtime's graph optimization level
+
+    def cuda_index(self, runtime: str) -> int:
+        """N of "cuda:N" (0 for "cuda" or no device); GptDeployError for anything else."""
+        device = self.device or "cuda:0"
+        if device == "cuda":
+            return 0
+        if not device.startswith("cuda:") or not device[5:].isdigit():
+            raise GptDeployError(f"device {device!r}: {runtime} takes cuda or cuda:N")
+        return int(device[5:])
 
 
 @dataclass(frozen=True)
@@ -48,12 +72,17 @@ class StepOutput(NamedTuple):
 
 
 class Runner(ABC):
-    """One runtime running one model. Subclasses implement the four abstract methods."""
+    """One runtime running one model. Subclasses implement `open` and the four abstract methods."""
 
     name: str  # the registry name: "torch", "ort", "ort-cuda", ...
     info: ModelInfo
     device: str  # "cpu", "cuda:0", ...
-    precision: str  # "fp32", "fp16", "bf16": the dtype of weights and KV cache
+    precision: str  # gptdeploy.precision name of the weights it computes with: fp32, fp16, bf16, int8, int4
+
+    @classmethod
+    def open(cls, target, options: OpenOptions) -> Runner:
+        """The runner for `target`: an ExportFolder (ONNX runtimes) or a gptdeploy.GPT (torch, hf)."""
+        raise NotImplementedError
 
     @abstractmethod
     def new_cache(self, batch: int) -> Cache:

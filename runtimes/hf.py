@@ -17,12 +17,11 @@ import inspect
 import numpy as np
 import torch
 
-from exporters.hf_files import HF_ACTIVATIONS
 from gptdeploy.errors import GptDeployError
-from gptdeploy.loading import HF_CONV1D_SUFFIXES
+from gptdeploy.loading import HF_ACTIVATIONS, HF_CONV1D_SUFFIXES
 from gptdeploy.model import GPT
-from runtimes.base import ModelInfo, Runner, StepOutput
-from runtimes.torch_runner import PRECISIONS
+from gptdeploy.runtimes.base import ModelInfo, OpenOptions, Runner, StepOutput
+from gptdeploy.runtimes.torch_runner import PRECISIONS
 
 
 class HfCache:
@@ -61,6 +60,10 @@ class HfRunner(Runner):
         parameters = inspect.signature(hf_model.forward).parameters
         self._cache_kw = "cache" if "cache" in parameters else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in parameters  # what generate() uses, where transformers has it
+
+    @classmethod
+    def open(cls, target: GPT, options: OpenOptions = OpenOptions()) -> HfRunner:
+        return cls.from_gpt(target)
 
     @classmethod
     def from_gpt(cls, model: GPT) -> HfRunner:

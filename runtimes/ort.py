@@ -31,16 +31,18 @@ import onnxruntime as ort
 
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import (
+    INPUTS,
     KV_CONCAT,
     KV_SHARED_BUFFER,
     LOGITS_TO_KEEP,
+    NO_PAST,
     WITH_PAST,
     ExportFolder,
     past_names,
     present_names,
     read_export,
 )
-from runtimes.base import ModelInfo, Runner, StepOutput
+from gptdeploy.runtimes.base import ModelInfo, OpenOptions, Runner, StepOutput
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -50,7 +52,6 @@ OPTIMIZATION_LEVELS = {
 }
 # The KV cache's dtype by the runner's precision: weight-only quantized variants keep an fp32 cache.
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32, "int4": np.float32}
-INPUTS = ["input_ids", "attention_mask", "position_ids"]
 MIN_KV_CAPACITY = 64  # positions of the smallest shared KV buffer
 
 
@@ -62,6 +63,10 @@ class SessionConfig:
     inter_op_threads: int = 0  # threads across independent operators (used in parallel execution mode)
     optimization_level: str = "all"  # one of OPTIMIZATION_LEVELS
     log_severity: int = 3  # 0 verbose ... 3 errors only: ONNX Runtime's warnings are noise to a user
+
+    @classmethod
+    def of(cls, options: OpenOptions) -> SessionConfig:
+        return cls(intra_op_threads=options.threads, optimization_level=options.optimization)
 
     def session_options(self) -> ort.SessionOptions:
         if self.optimization_level not in OPTIMIZATION_LEVELS:
@@ -116,6 +121,8 @@ class OrtRunner(Runner):
 
     variant: one of the folder's ONNX Runtime variants (gptdeploy.export_folder.VARIANTS); None runs
     the export's own graph (onnx/model.onnx, or model_fp16.onnx for an fp16 export).
+    graph: NO_PAST runs the export's no-past graph (onnx/decoder_model.onnx) instead: a scorer that
+    takes a whole sequence from an empty cache, and nothing after it.
     """
 
     name = "ort"
@@ -123,12 +130,13 @@ class OrtRunner(Runner):
     device_type = "cpu"  # where IO binding keeps the KV cache
 
     def __init__(self, folder: ExportFolder | str | Path, session_config: SessionConfig = SessionConfig(),
-                 device_id: int = 0, *, variant: str | None = None):
+                 device_id: int = 0, *, variant: str | None = None, graph: str = WITH_PAST):
         self.folder = folder if isinstance(folder, ExportFolder) else read_export(folder)
         self.info = ModelInfo.from_config(self.folder.config)
         self.variant = variant
+        self.role = graph if variant is None else WITH_PAST
         if variant is None:
-            self.graph = self.folder.graph_path(WITH_PAST)
+            self.graph = self.folder.graph_path(self.role)
             self.precision, self.kv_cache = self.folder.precision, KV_CONCAT
         else:
             entry = self.folder.variant(variant)
@@ -146,6 +154,12 @@ class OrtRunner(Runner):
         self._logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
         self._keep = {n: ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)) for n in (0, 1)}
 
+    @classmethod
+    def open(cls, target: ExportFolder, options: OpenOptions = OpenOptions()) -> OrtRunner:
+        if options.device not in (None, "cpu"):
+            raise GptDeployError(f"the ort runtime runs on the CPU; for {options.device!r} use --runtime ort-cuda")
+        return cls(target, SessionConfig.of(options), variant=options.variant)
+
     def _check_kv_cache(self) -> None:
         if self.kv_cache not in (KV_CONCAT, KV_SHARED_BUFFER):
             raise GptDeployError(f"{self.graph} passes its KV cache as {self.kv_cache!r}, which this version of "
@@ -160,7 +174,8 @@ class OrtRunner(Runner):
         inputs = {i.name: i.type for i in self.session.get_inputs()}
         outputs = {o.name: o.type for o in self.session.get_outputs()}
         kv_type = "tensor(float16)" if self.precision == "fp16" else "tensor(float)"
-        expected_inputs = {**{n: "tensor(int64)" for n in INPUTS}, **{n: kv_type for n in self._past_names}}
+        past = self._past_names if self.role == WITH_PAST else []
+        expected_inputs = {**{n: "tensor(int64)" for n in INPUTS}, **{n: kv_type for n in past}}
         expected_outputs = {"logits": "tensor(float)", **{n: kv_type for n in self._present_names}}
         for kind, got, expected in (("input", inputs, expected_inputs), ("output", outputs, expected_outputs)):
             for name, onnx_type in expected.items():
@@ -199,11 +214,15 @@ class OrtRunner(Runner):
     def _step(self, input_ids, attention_mask, position_ids, cache: OrtCache | SharedCache, last_only) -> StepOutput:
         if isinstance(cache, SharedCache):
             return self._shared_step(input_ids, attention_mask, position_ids, cache, last_only)
+        if self.role == NO_PAST and cache.length:
+            raise ValueError(f"{self.graph.name} is the no-past graph: it runs a whole sequence from an empty "
+                             f"cache, not a step after {cache.length} cached positions")
         binding = self.session.io_binding()
         for name, array in zip(INPUTS, (input_ids, attention_mask, position_ids)):
             binding.bind_cpu_input(name, array)
-        for name, value in zip(self._past_names, cache.values):
-            binding.bind_ortvalue_input(name, value)
+        if self.role == WITH_PAST:
+            for name, value in zip(self._past_names, cache.values):
+                binding.bind_ortvalue_input(name, value)
         # get_outputs() returns outputs in the order they were bound
         binding.bind_output("logits", "cpu")
         for name in self._present_names:
@@ -266,6 +285,10 @@ class OrtCudaRunner(OrtRunner):
     name = "ort-cuda"
     provider = "CUDAExecutionProvider"
     device_type = "cuda"
+
+    @classmethod
+    def open(cls, target: ExportFolder, options: OpenOptions = OpenOptions()) -> OrtCudaRunner:
+        return cls(target, SessionConfig.of(options), device_id=options.cuda_index(cls.name), variant=options.variant)
 
     def _providers(self) -> list:
         # The CPU provider takes the few nodes CUDA has no kernel for (shape arithmetic).

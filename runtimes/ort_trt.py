@@ -21,13 +21,11 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from exporters.tensorrt import (
-    DECODE, ENGINE_DIR, ENGINE_GRAPHS, PREFILL, EngineSettings, make_settings, profile_shapes, recorded_settings,
-)
+from gptdeploy.engines import EngineSettings, make_settings, profile_shapes, recorded_settings
 from gptdeploy.errors import GptDeployError
-from gptdeploy.export_folder import ExportFolder, read_export
-from runtimes.base import StepOutput
-from runtimes.ort import INPUTS, OrtCache, OrtCudaRunner, OrtRunner, SessionConfig
+from gptdeploy.export_folder import DECODE, ENGINE_DIR, ENGINE_GRAPHS, INPUTS, PREFILL, ExportFolder, read_export
+from gptdeploy.runtimes.base import OpenOptions, StepOutput
+from gptdeploy.runtimes.ort import OrtCache, OrtCudaRunner, OrtRunner, SessionConfig
 
 ORT_CACHE_DIR = f"{ENGINE_DIR}/ort"
 PROFILE_POINTS = ("min", "opt", "max")
@@ -78,6 +76,12 @@ class OrtTrtRunner(OrtCudaRunner):
             providers=self._providers(PREFILL),
         )
         self._check_provider(self.prefill_session)
+
+    @classmethod
+    def open(cls, target: ExportFolder, options: OpenOptions = OpenOptions()) -> OrtTrtRunner:
+        if options.variant is not None:
+            raise GptDeployError(f"the {cls.name} runtime runs the export's own graphs, not variant {options.variant}")
+        return cls(target, SessionConfig.of(options), device_id=options.cuda_index(cls.name))
 
     def _providers(self, engine: str = DECODE) -> list:
         shapes = profile_shapes(self.folder.manifest["graphs"][ENGINE_GRAPHS[engine]], engine, self.settings)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from gptdeploy.model import GPT, KVCache
-from runtimes.base import ModelInfo, Runner, StepOutput
+from gptdeploy.runtimes.base import ModelInfo, OpenOptions, Runner, StepOutput
 
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -26,6 +26,11 @@ class TorchRunner(Runner):
         self._device = param.device
         self._dtype = param.dtype
         self.device = str(param.device)
+
+    @classmethod
+    def open(cls, target: GPT, options: OpenOptions = OpenOptions()) -> TorchRunner:
+        """The model as it was loaded (gptdeploy.load's dtype and device)."""
+        return cls(target)
 
     def new_cache(self, batch: int) -> KVCache:
         empty = torch.empty(batch, self.info.n_head, 0, self.info.head_dim, dtype=self._dtype, device=self._device)

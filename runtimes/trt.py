@@ -1,7 +1,8 @@
 """The `trt` runtime: an export folder's TensorRT engines, run with TensorRT's Python API.
 
-Two engines (exporters/tensorrt.py builds them, or reuses the cached ones): the prefill engine runs
-the first step (the prompt, past length 0), the decode engine every later step (one new token).
+Two engines (gptdeploy.exporters.tensorrt builds them into the export folder; this runner only loads
+them): the prefill engine runs the first step (the prompt, past length 0), the decode engine every
+later step (one new token).
 
 Device memory, streams and CUDA graphs come from torch, a gptdeploy dependency: its tensors give
 device pointers, host copies and dtype handling in one call each, where cuda-python would need an
@@ -16,27 +17,32 @@ interface allows it) gets a new slot, never one that is still in use.
 cuda_graphs=True captures each decode step (one CUDA graph per batch size, past length and slot
 pair, on first use) and replays it later: fewer kernel launches from Python per token. A graph fixes
 shapes and addresses, so it is reused only where all of them repeat (a second request, a benchmark
-repeat); the GPU tests compare it with plain execution.
+repeat); the GPU tests compare it with plain execution. At most MAX_CUDA_GRAPHS are kept (least
+recently used evicted), since every new past length would add one. Where capture fails (a kernel
+that cannot be captured), the runner turns CUDA graphs off, says why in `graph_failure`, and goes on
+with plain execution: the step that failed to capture had already run plainly.
+
+After the input shapes are set, the output shapes TensorRT reports are checked against the buffers
+allocated for them, so an engine that would write past them is refused instead of corrupting memory.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from exporters.tensorrt import (
-    DECODE, PREFILL, EngineSettings, ensure_engines, import_tensorrt, load_engine, make_logger,
-)
-from gptdeploy.errors import GptDeployError
-from gptdeploy.export_folder import ExportFolder, past_names, present_names, read_export
-from runtimes.base import ModelInfo, Runner, StepOutput
+from gptdeploy.environment import import_tensorrt, tensorrt_logger
+from gptdeploy.errors import EngineUnusable, GptDeployError
+from gptdeploy.export_folder import DECODE, INPUTS, PREFILL, ExportFolder, past_names, present_names, read_export
+from gptdeploy.runtimes.base import ModelInfo, OpenOptions, Runner, StepOutput
 
-INPUTS = ("input_ids", "attention_mask", "position_ids")
+MAX_CUDA_GRAPHS = 64  # captured decode steps kept, least recently used evicted first
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
                 np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
 
@@ -90,16 +96,21 @@ class _Engine:
 
 
 class TrtRunner(Runner):
-    """The export's TensorRT engines on a CUDA GPU; the KV cache stays in GPU memory."""
+    """The export's TensorRT engines on a CUDA GPU; the KV cache stays in GPU memory.
+
+    The engines must be in the folder (gptdeploy build-engine, or the application builds them before it
+    opens this runner). An engine that is missing or that TensorRT cannot load raises EngineUnusable
+    naming it, so that the application can rebuild that engine alone.
+    """
 
     name = "trt"
 
-    def __init__(self, folder: ExportFolder | str | Path, *, device_id: int = 0, settings: EngineSettings | None = None,
-                 cuda_graphs: bool = False, console=None):
+    def __init__(self, folder: ExportFolder | str | Path, *, device_id: int = 0, cuda_graphs: bool = False):
         self.folder = folder if isinstance(folder, ExportFolder) else read_export(folder)
         self.info = ModelInfo.from_config(self.folder.config)
         self.precision = self.folder.precision
         self.cuda_graphs = cuda_graphs
+        self.graph_failure: str | None = None  # why CUDA graphs were turned off, if capture failed
         trt = import_tensorrt()
         if not 0 <= device_id < torch.cuda.device_count():
             raise GptDeployError(f"no CUDA device cuda:{device_id}; this machine has {torch.cuda.device_count()}")
@@ -108,26 +119,33 @@ class TrtRunner(Runner):
         self._trt_version = trt.__version__
         self._past_names = past_names(self.info.n_layer)
         self._present_names = present_names(self.info.n_layer)
+        self._graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
         with torch.cuda.device(self._device):
             self.stream = torch.cuda.Stream()
-            self._logger = make_logger(trt)
-            engines = self._load_engines(trt, settings, console)
+            self._logger = tensorrt_logger(trt)
+            engines = self._load_engines(trt)
             self._engines = {name: _Engine(trt, engine, self.stream, self._device) for name, engine in engines.items()}
             self._allocate()
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
 
-    def _load_engines(self, trt, settings, console) -> dict:
-        """Deserialized engines; one that TensorRT cannot load (corrupt, or from another build) is rebuilt once."""
-        paths = ensure_engines(self.folder, settings, console=console)
+    @classmethod
+    def open(cls, target: ExportFolder, options: OpenOptions = OpenOptions()) -> TrtRunner:
+        if options.variant is not None:
+            raise GptDeployError(f"the {cls.name} runtime runs the export's own graphs, not variant {options.variant}")
+        return cls(target, device_id=options.cuda_index(cls.name))
+
+    def _load_engines(self, trt) -> dict:
+        """Each engine deserialized; EngineUnusable for the first that is missing or that TensorRT cannot load."""
         self._runtimes, engines = [], {}
-        for name, path in paths.items():
-            runtime, engine = load_engine(trt, path, self._logger)
+        for name in (PREFILL, DECODE):
+            entry = self.folder.engines.get(name)
+            if entry is None or not (self.folder.path / entry["file"]).is_file():
+                raise EngineUnusable(name, f"{self.folder.path} has no {name} engine; build it: gptdeploy "
+                                           f"build-engine {self.folder.path}")
+            path = self.folder.path / entry["file"]
+            runtime = trt.Runtime(self._logger)
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
-                ensure_engines(self.folder, settings, force=True, console=console)
-                runtime, engine = load_engine(trt, path, self._logger)
-            if engine is None:
-                reason = self._logger.errors[-1] if self._logger.errors else "no reason given"
-                raise GptDeployError(f"TensorRT {trt.__version__} cannot load {path}: {reason}")
+                raise EngineUnusable(name, f"TensorRT {trt.__version__} cannot load {path}: {self._logger.last_error()}")
             self._runtimes.append(runtime)  # a runtime must outlive its engine
             engines[name] = engine
         return engines
@@ -159,7 +177,8 @@ class TrtRunner(Runner):
         return self._slots[-1]
 
     def describe(self) -> str:
-        graphs = ", CUDA graphs" if self.cuda_graphs else ""
+        graphs = ", CUDA graphs" if self.cuda_graphs else (" (CUDA graphs off: capture failed)" if self.graph_failure
+                                                           else "")
         return f"{self.name} (TensorRT {self._trt_version}, {torch.cuda.get_device_name(self._device)}, " \
                f"{self.precision}{graphs})"
 
@@ -201,14 +220,16 @@ class TrtRunner(Runner):
             for name, shape in shapes.items():
                 if not ctx.set_input_shape(name, shape):
                     raise GptDeployError(f"TensorRT refused shape {list(shape)} for {name} of the {engine_name} engine")
+            self._check_output_shapes(ctx, engine_name, batch, seq, past)
             graph_key = (batch, past, cache.slot.index if cache.slot else -1, out_slot.index)
             graph = self._graphs.get(graph_key) if self.cuda_graphs and past else None
             if graph is None:
                 self._bind(run, shapes, cache.slot, out_slot)
                 self._execute(ctx)
                 if self.cuda_graphs and past:
-                    self._graphs[graph_key] = self._capture(ctx)
+                    self._remember(graph_key, self._capture(ctx))
             else:
+                self._graphs.move_to_end(graph_key)
                 graph.replay()
             logits = self._logits[: batch * seq * self.info.vocab_size].view(batch, seq, self.info.vocab_size)
             logits = (logits[:, -1:] if last_only else logits).cpu().numpy()  # waits for the stream
@@ -229,16 +250,44 @@ class TrtRunner(Runner):
 
     def _execute(self, ctx) -> None:
         if not ctx.execute_async_v3(self.stream.cuda_stream):
-            reason = self._logger.errors[-1] if self._logger.errors else "no reason given"
-            raise GptDeployError(f"TensorRT could not run the step: {reason}")
+            raise GptDeployError(f"TensorRT could not run the step: {self._logger.last_error()}")
 
-    def _capture(self, ctx) -> torch.cuda.CUDAGraph:
+    def _check_output_shapes(self, ctx, engine_name: str, batch: int, seq: int, past: int) -> None:
+        """The shapes TensorRT will write, against the buffers allocated for them."""
+        expected = {"logits": (batch, seq, self.info.vocab_size),
+                    **{name: self._kv_shape(batch, past + seq) for name in self._present_names}}
+        for name, shape in expected.items():
+            got = tuple(ctx.get_tensor_shape(name))
+            if got != shape:
+                raise GptDeployError(f"the {engine_name} engine would write {name} as {list(got)}, not {list(shape)}: "
+                                     f"it does not follow the export contract; rebuild it (gptdeploy build-engine "
+                                     f"{self.folder.path} --force)")
+        if math.prod(expected["logits"]) > self._logits.numel() or \
+                math.prod(expected[self._present_names[0]]) > self._kv_elements:
+            raise GptDeployError(f"the {engine_name} engine's outputs for batch {batch}, {past + seq} positions "
+                                 f"exceed the buffers allocated for its profile")
+
+    def _capture(self, ctx) -> torch.cuda.CUDAGraph | None:
         """A CUDA graph of the step just executed (TensorRT wants one plain run after a shape change
-        before capture; that run's results are this step's)."""
+        before capture; that run's results are this step's). None, and CUDA graphs off, if capture fails."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
-            self._execute(ctx)
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                self._execute(ctx)
+        except Exception as e:  # noqa: BLE001 - any capture failure: run plainly from now on
+            self.cuda_graphs = False
+            self.graph_failure = f"{type(e).__name__}: {e}"
+            self._graphs.clear()
+            torch.cuda.synchronize(self._device)
+            return None
         return graph
+
+    def _remember(self, key: tuple, graph: torch.cuda.CUDAGraph | None) -> None:
+        if graph is None:
+            return
+        self._graphs[key] = graph
+        while len(self._graphs) > MAX_CUDA_GRAPHS:
+            self._graphs.popitem(last=False)
 
     def close(self) -> None:
         self._graphs.clear()

@@ -61,7 +61,7 @@ try:
     print('tensorrt', tensorrt.__version__)
 except ImportError as e:
     print('tensorrt not importable:', e)
-from runtimes.registry import RUNTIMES
+from gptdeploy.runtimes.registry import RUNTIMES
 for name, spec in RUNTIMES.items():
     print(f'runtime {name}:', spec.missing() or 'available')
 EOF"

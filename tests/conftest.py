@@ -98,9 +98,9 @@ def lively():
 
 
 def _export(loaded, folder):
-    from exporters.onnx_export import export_onnx
+    from gptdeploy.app.exporting import export_model
 
-    return export_onnx(loaded, folder, progress=False).path
+    return export_model(loaded, folder).path
 
 
 @pytest.fixture(scope="session")
@@ -112,9 +112,9 @@ def lively_export_path(lively, tmp_path_factory):
 @pytest.fixture(scope="session")
 def lively_export_fp16_path(lively, tmp_path_factory):
     """`lively` exported to ONNX in fp16."""
-    from exporters.onnx_export import export_onnx
+    from gptdeploy.app.exporting import export_model
 
-    return export_onnx(lively, tmp_path_factory.mktemp("export") / "lively-fp16", precision="fp16", progress=False).path
+    return export_model(lively, tmp_path_factory.mktemp("export") / "lively-fp16", precision="fp16").path
 
 
 @pytest.fixture(scope="session")

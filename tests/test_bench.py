@@ -10,12 +10,13 @@ import os
 import numpy as np
 import pytest
 
-from gptdeploy.bench import (
-    FAILED, OK, UNAVAILABLE, BenchSettings, ModelUnderTest, model_under_test, run_bench, write_json,
-)
-from gptdeploy.machine import ResidentMemory, measure_read_bandwidth
+from gptdeploy.app.bench import ModelUnderTest, model_under_test, run_bench, write_json
+from gptdeploy.app.bench_settings import FAILED, OK, UNAVAILABLE, BenchSettings
+from gptdeploy.app.machine import ResidentMemory, measure_read_bandwidth
 from gptdeploy.model import GPT, GPTConfig
-from runtimes.registry import RUNTIMES
+from gptdeploy.precision import CHECKPOINT
+from gptdeploy.runtimes.registry import RUNTIMES, RuntimeSpec
+from tests import sleepy_runtime
 from tests.test_cli import assert_one_line_error, gptdeploy
 
 SMALL = dict(batches=(1, 2), prompt_len=6, new_tokens=4, warmup=1, repeat=2, random_weights=True, bandwidth_mib=64)
@@ -61,24 +62,41 @@ def test_report_has_every_field(report):
         assert runtime["memory"]["run_peak_rss_mb"] > 0 and runtime["memory"]["setup_peak_rss_mb"] > 0
         assert [b["batch"] for b in runtime["batches"]] == [1, 2]
         for b in runtime["batches"]:
-            prefill, decode, generation = b["prefill"], b["decode"], b["generation"]
-            assert len(prefill["runs_ms"]) == 2 and prefill["latency_ms"] == np.median(prefill["runs_ms"])
-            assert prefill["tokens_per_s"] == pytest.approx(b["batch"] * 6 / (prefill["latency_ms"] / 1e3))
-            assert decode["steps"] == 3 and 0 < decode["p50_ms"] <= decode["p90_ms"] <= decode["p99_ms"]
-            assert decode["tokens_per_s"] == pytest.approx(b["batch"] * 3 / np.median(decode["runs_s"]))
-            assert 0 < generation["ttft_ms"] / 1e3 < generation["total_s"] and generation["new_tokens"] == 4
-            assert set(b["speedup"]) == {"prefill", "decode", "generation"}
+            assert len(b["prefill"]["runs_ms"]) == 2 and b["decode"]["steps"] == 3
+            assert 0 < b["decode"]["p50_ms"] <= b["decode"]["p90_ms"] <= b["decode"]["p99_ms"]
+            assert 0 < b["generation"]["ttft_ms"] / 1e3 < b["generation"]["total_s"]
+            assert b["generation"]["new_tokens"] == 4 and set(b["speedup"]) == {"prefill", "decode", "generation"}
             floor = b["bandwidth_floor"]
-            assert floor["floor_ms"] > 0 and floor["fraction_of_limit"] == floor["floor_ms"] / decode["p50_ms"]
-            assert floor["read_gb_per_s"] == bandwidth["gb_per_s"]
-            assert floor["floor_ms"] == pytest.approx(
-                (floor["weight_bytes"] + floor["kv_bytes_mean"]) / (floor["read_gb_per_s"] * 1e9) * 1e3)
+            assert 0 < floor["floor_ms"] and floor["read_gb_per_s"] == bandwidth["gb_per_s"]
     hf, torch_, ort = report["runtimes"]
     assert set(hf["setup"]) == {"load_s"} and set(torch_["setup"]) == {"load_s"}
     assert {"load_s", "export_s", "export_reused", "session_s"} == set(ort["setup"])
     assert all(v == 1.0 for b in hf["batches"] for v in b["speedup"].values())
-    b = ort["batches"][0]
-    assert b["speedup"]["decode"] == b["decode"]["tokens_per_s"] / hf["batches"][0]["decode"]["tokens_per_s"]
+
+
+@pytest.fixture
+def sleepy(monkeypatch):
+    """tests/sleepy_runtime.py registered as the runtime "sleepy": one module plus one registry entry."""
+    spec = RuntimeSpec("sleepy", "sleeps a known time per step", CHECKPOINT, (), "tests.sleepy_runtime:SleepyRunner")
+    monkeypatch.setitem(RUNTIMES, "sleepy", spec)
+    return sleepy_runtime
+
+
+def test_figures_match_a_runtime_of_known_speed(sleepy):
+    """Every figure against the step times the runtime was built with, not against bench's own formulas."""
+    prefill_s, decode_s = sleepy.PREFILL_S, sleepy.DECODE_S
+    report = run_bench(BenchSettings("tiny", ("sleepy",), isolate=False, **{**SMALL, "batches": (1, 3)}))
+    (row,) = report["runtimes"]
+    assert row["status"] == OK and report["baseline"] == "sleepy"
+    for b in row["batches"]:
+        batch, steps = b["batch"], 3  # new_tokens 4: the first from the prefill
+        assert prefill_s <= b["prefill"]["latency_ms"] / 1e3 < prefill_s + 0.02
+        assert b["prefill"]["tokens_per_s"] == pytest.approx(batch * 6 / prefill_s, rel=0.35)
+        assert decode_s <= b["decode"]["p50_ms"] / 1e3 < decode_s + 0.01
+        assert b["decode"]["tokens_per_s"] == pytest.approx(batch / decode_s, rel=0.35)
+        assert prefill_s <= b["generation"]["ttft_ms"] / 1e3 < prefill_s + 0.03
+        assert b["generation"]["total_s"] == pytest.approx(prefill_s + steps * decode_s, rel=0.35)
+        assert b["generation"]["total_s"] >= prefill_s + steps * decode_s
 
 
 def test_bytes_per_step_count_the_weights_a_decode_step_reads():
@@ -101,10 +119,10 @@ def test_runtimes_that_cannot_run_are_reported_with_the_reason(tiny_export_path,
         assert row["status"] == UNAVAILABLE and "export folder" in row["reason"]
     assert ort["status"] == OK and report["baseline"] == "ort" and set(ort["setup"]) == {"session_s"}
     for name in ("ort-cuda", "trt"):  # on a machine without them, a reason that says how to install them
-        missing = RUNTIMES[name].missing()
-        if missing:
+        if missing := RUNTIMES[name].missing():
             row = run_bench(BenchSettings(str(tiny_export_path), (name,), isolate=False, **SMALL))["runtimes"][0]
-            assert row == {"runtime": name, "status": UNAVAILABLE, "reason": missing} and "install" in missing
+            assert row == {"runtime": name, "status": UNAVAILABLE, "reason": "; ".join(missing)}
+            assert "install" in row["reason"]
 
 
 def test_a_runtime_that_fails_on_the_model_is_a_row_not_a_crash(tmp_path):
@@ -121,7 +139,7 @@ def test_a_runtime_that_fails_on_the_model_is_a_row_not_a_crash(tmp_path):
 def test_a_worker_process_that_dies_is_a_failure_with_its_exit_code():
     import signal
 
-    from gptdeploy.bench_session import Worker, WorkerFailed
+    from gptdeploy.app.bench_worker import Worker, WorkerFailed
 
     settings = BenchSettings("tiny", ("torch",), threads=1, **{**SMALL, "batches": (1,)})
     worker = Worker("runtime", (settings, "torch", "cpu", None))
@@ -155,7 +173,7 @@ def test_resident_memory_sees_an_allocation_and_resets_its_peak():
 
 
 def test_gpu_memory_monitor_without_nvml_reports_nothing():
-    from gptdeploy.machine import GpuMemoryMonitor
+    from gptdeploy.app.machine import GpuMemoryMonitor
 
     monitor = GpuMemoryMonitor()
     if monitor.available:
@@ -170,7 +188,7 @@ def test_gpu_memory_monitor_counts_this_process():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU visible to PyTorch")
-    from gptdeploy.machine import GpuMemoryMonitor
+    from gptdeploy.app.machine import GpuMemoryMonitor
 
     monitor = GpuMemoryMonitor(0)
     assert monitor.available, "a CUDA GPU but no NVML (libnvidia-ml.so.1)"
@@ -202,16 +220,23 @@ def test_settings_are_checked_before_anything_runs(tiny_export_path):
         model_under_test(BenchSettings(str(tiny_export_path), ("ort",), precision="fp16"))
 
 
-def test_cli_bench_in_child_processes(export_cache, tmp_path):
+def test_cli_bench_in_child_processes(tiny_export_path, tmp_path):
+    import shutil
+
+    from gptdeploy.app.export_cache import ExportCache
+    from gptdeploy.loading import load
+
+    cache = ExportCache(tmp_path / "cache")  # holding the tiny export already, as after an earlier run
+    shutil.copytree(tiny_export_path, cache.path(load("tiny", weights="random"), "fp32"))
     path = tmp_path / "out.json"
     result = gptdeploy("bench", "tiny", "--random", "--runtime", "torch,ort,ort-cuda", "--batch", "1",
                        "--prompt-len", "4", "--new-tokens", "3", "--repeat", "1", "--json", str(path),
-                       env={**os.environ, "GPTDEPLOY_CACHE": str(export_cache)})
+                       env={**os.environ, "GPTDEPLOY_CACHE": str(cache.root)})
     assert result.returncode == 0, result.stderr
     report = json.loads(path.read_text())
     torch_, ort, ort_cuda = report["runtimes"]
     assert torch_["status"] == ort["status"] == OK and report["baseline"] == "torch"
-    assert ort["setup"]["export_reused"] is True  # exported by the in-process tests into the same cache
+    assert ort["setup"]["export_reused"] is True
     for name in ("torch", "ort", "ort-cuda", "Speed", "Set-up and memory", "memory read bandwidth"):
         assert name in result.stdout
     if ort_cuda["status"] == UNAVAILABLE:

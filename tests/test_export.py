@@ -23,9 +23,12 @@ import pytest
 import torch
 
 import gptdeploy
-from exporters import onnx_export, validate
-from exporters.onnx_export import export_onnx
+from gptdeploy.app import validation
+from gptdeploy.app.cli import default_out_dir
+from gptdeploy.app.exporting import export_model
+from gptdeploy.compare import TOLERANCES
 from gptdeploy.errors import GptDeployError
+from gptdeploy.exporters import onnx_export
 from gptdeploy.export_folder import NO_PAST, WITH_PAST, graph_file, read_export
 from gptdeploy.loading import config_from_hf
 from tests.test_cli import assert_one_line_error, gptdeploy as run_cli
@@ -41,17 +44,17 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny, tmp_path_factory):
-    return export_onnx(tiny, tmp_path_factory.mktemp("export") / "tiny-onnx", progress=False)
+    return export_model(tiny, tmp_path_factory.mktemp("export") / "tiny-onnx")
 
 
 @pytest.fixture(scope="session")
 def tiny_export_fp16(tiny, tmp_path_factory):
-    return export_onnx(tiny, tmp_path_factory.mktemp("export") / "tiny-onnx-fp16", precision="fp16", progress=False)
+    return export_model(tiny, tmp_path_factory.mktemp("export") / "tiny-onnx-fp16", precision="fp16")
 
 
 @pytest.fixture(scope="session")
 def hf_export(hf_folder, tmp_path_factory):
-    return export_onnx(gptdeploy.load(hf_folder), tmp_path_factory.mktemp("export") / "hf-onnx", progress=False)
+    return export_model(gptdeploy.load(hf_folder), tmp_path_factory.mktemp("export") / "hf-onnx")
 
 
 def left_padded_prompts(vocab: int, lengths=(7, 4), seed=5):
@@ -282,12 +285,18 @@ def test_left_padded_row_equals_the_prompt_alone(tiny_export):
 
 
 def test_fp32_validation_figures(tiny_export):
+    """Both graphs checked with the comparator's fp32 tolerances (max |diff| 1e-4), export-time profile."""
     v = tiny_export.manifest["validation"]
-    names = [c["name"] for c in v["checks"]]
-    assert names[0] == "onnx/model.onnx prefill (past length 0)"
-    assert [n for n in names if "decode step" in n] == [f"onnx/model.onnx decode step {i}" for i in (1, 2, 3)]
-    assert names[-1].startswith("onnx/decoder_model.onnx (no past)")
-    assert v["bound"] == 1e-4 and 0 < v["max_abs_diff"] <= 1e-4 and v["top1_agreement"] == 1.0
+    assert v["passed"] and v["profile"] == "export" and v["reference"] == "the PyTorch model (fp32)"
+    assert list(v["graphs"]) == ["onnx/model.onnx", "onnx/decoder_model.onnx"]
+    with_past, no_past = v["graphs"].values()
+    assert with_past["positions"] == 9 + 5 + 2 * 3  # two prompts, then three decode steps of two rows
+    assert no_past["positions"] == 9 + 3 + 5 + 3  # each whole sequence at once
+    for graph in (with_past, no_past):
+        assert graph["checks"]["max_abs"]["tolerance"] == 1e-4 and graph["checks"]["kv_max_abs"]["tolerance"] == 1e-4
+        assert set(graph["checks"]) == {"max_abs", "mean_abs", "max_rel", "cosine", "flip_lead", "kv_max_abs",
+                                        "nonfinite"}
+    assert 0 < v["max_abs_diff"] <= 1e-4 and v["top1_agreement"] == 1.0
 
 
 def test_fp16_export_is_finite_close_and_agrees_on_top1(tiny_export_fp16, tiny, tmp_path):
@@ -298,8 +307,8 @@ def test_fp16_export_is_finite_close_and_agrees_on_top1(tiny_export_fp16, tiny, 
                                          "tokenizer_config.json"]
     assert json.loads((tiny_export_fp16.path / "config.json").read_text())["torch_dtype"] == "float16"
     v = manifest["validation"]
-    assert v["passed"] and v["decisive_top1_agreement"] == 1.0
-    assert v["max_abs_diff"] <= validate.FP16_RELATIVE_BOUND * max(1.0, v["fp16_ranges"]["logits"]["max"])
+    assert v["passed"] and v["max_rel_diff"] <= TOLERANCES["fp16"]["max_rel"]
+    assert all(g["metrics"]["flip_lead"] <= TOLERANCES["fp16"]["flip_lead"] for g in v["graphs"].values())
     assert v["fp16_ranges"]["layernorm_sum_of_squares"]["max"] > 0
 
     # independently of the export's own validation: the plain script against the fp32 reference
@@ -314,7 +323,8 @@ def test_fp16_export_is_finite_close_and_agrees_on_top1(tiny_export_fp16, tiny, 
     for step, ref in enumerate(reference_steps(forward, ids, mask, torch.from_numpy(out["chosen"]))):
         got = out[f"step{step}"]
         assert got.dtype == np.float32 and np.isfinite(got).all()
-        assert np.abs(got - ref).max() <= validate.FP16_RELATIVE_BOUND * max(1.0, np.abs(ref).max())
+        row_error = np.abs(got - ref).max(-1) / np.abs(ref).max(-1)  # the comparator's max_rel, per position
+        assert row_error.max() <= TOLERANCES["fp16"]["max_rel"]
         assert np.abs(got - ref).max() > 1e-6, "an fp16 graph that matches fp32 exactly computes in fp32"
 
 
@@ -334,9 +344,10 @@ def test_fp16_graph_keeps_layernorm_in_fp32(tiny_export_fp16):
 # --- failures leave nothing behind ---------------------------------------------------------------
 
 def test_failed_validation_leaves_no_folder(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(validate, "FP32_BOUND", 0.0)  # fp32 ONNX Runtime never matches torch bit for bit
-    with pytest.raises(GptDeployError, match="failed validation.*max \\|logits diff\\|"):
-        export_onnx(tiny, tmp_path / "out", progress=False)
+    # fp32 ONNX Runtime never matches torch bit for bit
+    monkeypatch.setitem(TOLERANCES, "fp32", {**TOLERANCES["fp32"], "max_abs": 0.0})
+    with pytest.raises(GptDeployError, match="failed validation.*max_abs .* > 0 .*passes with --tol max_abs="):
+        export_model(tiny, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -348,9 +359,11 @@ def test_validation_catches_a_wrong_graph(tiny_export, tiny, tmp_path):
     bias = next(t for t in model.graph.initializer if t.name.endswith("h.0.attn.c_attn.bias"))
     bias.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias) + 0.01, bias.name))
     onnx.save(model, path)
-    report = validate.validate_export(folder, tiny.model, "fp32")
+    report = validation.validate_export(read_export(folder), tiny.model, tiny.tokenizer)
     assert not report.passed
-    assert "onnx/model.onnx prefill" in report.failures() and "decoder_model" not in report.failures()
+    failures = report.failures()
+    assert failures.startswith("onnx/model.onnx: max_abs") and "at every step" in failures
+    assert "decoder_model" not in failures
 
 
 def test_interrupted_export_leaves_no_folder(tmp_path):
@@ -372,9 +385,9 @@ def test_force_replaces_an_export_and_keeps_it_otherwise(tiny, tiny_export, tmp_
     shutil.copytree(tiny_export.path, out)
     (out / "stale.txt").write_text("from an older export")
     with pytest.raises(GptDeployError, match="already exists; pass --force"):
-        export_onnx(tiny, out, progress=False)
+        export_model(tiny, out)
     assert (out / "stale.txt").exists()
-    export_onnx(tiny, out, force=True, progress=False)
+    export_model(tiny, out, force=True)
     assert not (out / "stale.txt").exists() and (out / "gptdeploy.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-onnx"]
 
@@ -383,7 +396,7 @@ def test_force_does_not_replace_a_folder_that_is_no_export(tiny, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(GptDeployError, match="not an export folder"):
-        export_onnx(tiny, tmp_path / "mine", force=True, progress=False)
+        export_model(tiny, tmp_path / "mine", force=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
@@ -397,7 +410,7 @@ def test_char_level_checkpoint_with_external_data_and_opset_20(tmp_path, char_me
     ckpt, _ = write_nanogpt_checkpoint(tmp_path / "shakespeare", vocab_size=vocab, meta=char_meta)
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
     loaded = gptdeploy.load(ckpt)
-    result = export_onnx(loaded, tmp_path / "char-onnx", opset=20, progress=False)
+    result = export_model(loaded, tmp_path / "char-onnx", opset=20)
     folder = result.path
     manifest = result.manifest
     assert manifest["opset"] == 20 and onnx.load(folder / "onnx/model.onnx", load_external_data=False).opset_import[0].version == 20
@@ -435,12 +448,12 @@ def test_unwritable_opsets_are_refused(opset):
 
 
 def test_default_out_dir(tmp_path):
-    assert onnx_export.default_out_dir("gpt2", "fp32") == Path("gpt2-onnx")
-    assert onnx_export.default_out_dir("gpt2", "fp16") == Path("gpt2-onnx-fp16")
+    assert default_out_dir("gpt2", "fp32") == Path("gpt2-onnx")
+    assert default_out_dir("gpt2", "fp16") == Path("gpt2-onnx-fp16")
     (tmp_path / "shakespeare-char").mkdir()
     (tmp_path / "shakespeare-char" / "ckpt.pt").write_bytes(b"")
-    assert onnx_export.default_out_dir(str(tmp_path / "shakespeare-char" / "ckpt.pt"), "fp32") == Path("shakespeare-char-onnx")
-    assert onnx_export.default_out_dir(str(tmp_path / "shakespeare-char"), "fp32") == Path("shakespeare-char-onnx")
+    assert default_out_dir(str(tmp_path / "shakespeare-char" / "ckpt.pt"), "fp32") == Path("shakespeare-char-onnx")
+    assert default_out_dir(str(tmp_path / "shakespeare-char"), "fp32") == Path("shakespeare-char-onnx")
 
 
 # --- the command line ------------------------------------------------------------------------------
@@ -452,7 +465,7 @@ def test_cli_export_replaces_with_force_and_reports(tiny_export, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith(f"Wrote {out}/ (") and "onnx/model.onnx" in lines[0] and "MB)" in lines[0]
-    assert "max |logits diff|" in lines[1] and "top-1 agreement 100.0%" in lines[1]
+    assert "max |logits diff|" in lines[1] and "top-1 agreement 100.0%" in lines[1] and "checks passed" in lines[1]
     assert "Tracing onnx/model.onnx" in result.stderr and "Validating" in result.stderr
     assert read_export(out).manifest["source"]["source"] == "tiny"
 
@@ -511,7 +524,7 @@ def test_gpt2_export(precision, tmp_path):
     assert v["passed"]
     if precision == "fp32":
         assert v["max_abs_diff"] <= 1e-4
-    print(json.dumps({"precision": precision, "max_abs_diff": v["max_abs_diff"], "bound": v["bound"],
-                      "top1_agreement": v["top1_agreement"], "decisive_top1_agreement": v["decisive_top1_agreement"],
+    print(json.dumps({"precision": precision, "max_abs_diff": v["max_abs_diff"], "max_rel_diff": v["max_rel_diff"],
+                      "top1_agreement": v["top1_agreement"], "graphs": v["graphs"],
                       "files": {f: (out / f).stat().st_size for f in manifest["files"]},
                       "fp16_ranges": v.get("fp16_ranges")}, indent=1))

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from gptdeploy.errors import GptDeployError
-from gptdeploy.generation import GenerationConfig, TextStream, choose_tokens, generate, stream
+from gptdeploy.app.generation import GenerationConfig, TextStream, choose_tokens, generate, stream
 from gptdeploy.tokenizer import BPETokenizer, CharTokenizer
-from runtimes.torch_runner import TorchRunner
+from gptdeploy.runtimes.torch_runner import TorchRunner
 
 PROMPTS = ["Hello world", "The", "A longer prompt, so that the batch is ragged: eleven tokens"]
 GREEDY = GenerationConfig(max_new_tokens=32, greedy=True)

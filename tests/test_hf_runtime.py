@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from gptdeploy.errors import GptDeployError
-from gptdeploy.generation import GenerationConfig, generate
+from gptdeploy.app.generation import GenerationConfig, generate
 from gptdeploy.loading import load
 from gptdeploy.tokenizer import BPETokenizer
-from runtimes.registry import open_runner
-from runtimes.torch_runner import TorchRunner
+from gptdeploy.app.sources import open_runner
+from gptdeploy.runtimes.torch_runner import TorchRunner
 
 transformers = pytest.importorskip("transformers")
-from runtimes.hf import HfRunner  # noqa: E402  (needs transformers)
+from gptdeploy.runtimes.hf import HfRunner  # noqa: E402  (needs transformers)
 
 IDS = np.array([[464, 2068, 7586, 21831, 18045, 625, 262, 16931]])
 

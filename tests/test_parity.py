@@ -12,17 +12,18 @@ import numpy as np
 import pytest
 
 from gptdeploy.errors import GptDeployError
-from gptdeploy.parity import Target, prefill_inputs, run_parity
-from gptdeploy.parity_metrics import (
-    DEFAULT_TOLERANCES, METRICS, agreeing_prefix, cache_metrics, logits_metrics, looser_precision,
-    parse_tolerances, passes, passing_tolerance,
+from gptdeploy.app.parity_run import Target, run_parity
+from gptdeploy.compare import (
+    METRICS, TOLERANCES, agreeing_prefix, cache_metrics, logits_metrics, looser_precision, parse_tolerances, passes,
+    passing_tolerance,
 )
-from runtimes.registry import RUNTIMES
+from gptdeploy.steps import decode_inputs, prefill_inputs
+from gptdeploy.runtimes.registry import RUNTIMES
 from tests.test_cli import assert_one_line_error, gptdeploy
 from tests.test_runtimes import run_without_torch
 
 PROMPTS = ["Hello world", "The", "A longer prompt, so that the batch is ragged"]
-QUICK = dict(prompts=PROMPTS, steps=4, greedy_tokens=16, weights="random", progress=False)
+QUICK = dict(prompts=PROMPTS, steps=4, greedy_tokens=16, weights="random")
 
 
 # --- the metric math, on cases small enough to compute by hand ---
@@ -135,7 +136,7 @@ def test_parse_tolerances():
 
 
 def test_every_precision_has_a_tolerance_for_every_metric():
-    for precision, tolerances in DEFAULT_TOLERANCES.items():
+    for precision, tolerances in TOLERANCES.items():
         assert set(tolerances) == set(METRICS), precision
         assert tolerances["nonfinite"] == 0 and tolerances["top1"] >= 0.8 and tolerances["flip_lead"], precision
 
@@ -151,6 +152,9 @@ def test_prefill_inputs_left_pad():
     assert inputs.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert inputs.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
     assert inputs.real.tolist() == [[True, True, True], [False, False, True]]
+    step = decode_inputs(inputs, np.array([9, 10]))
+    assert step.input_ids.tolist() == [[9], [10]] and step.position_ids.tolist() == [[3], [1]]
+    assert step.attention_mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]] and step.real.tolist() == [[True], [True]]
 
 
 # --- every runtime x precision on this machine against torch fp32 ---
@@ -174,9 +178,8 @@ def _rows():
     for name, spec in RUNTIMES.items():
         for precision in PRECISIONS.get(name, ["fp32"]):
             marks = [pytest.mark.gpu] if name in CUDA_RUNTIMES else []
-            missing = spec.missing() or (None if spec.implemented else "not implemented in this version")
-            if missing:
-                marks.append(pytest.mark.skip(reason=f"runtime {name!r}: {missing}"))
+            if missing := spec.missing():
+                marks.append(pytest.mark.skip(reason=f"runtime {name!r}: {'; '.join(missing)}"))
             rows.append(pytest.param(Target(name, precision), marks=marks, id=f"{name}-{precision}"))
     for precision in ["fp32", "fp16", "bf16"]:  # the reference model itself on the GPU
         rows.append(pytest.param(Target("torch", precision, "cuda"), id=f"torch-cuda-{precision}",
@@ -187,21 +190,21 @@ def _rows():
 
 @pytest.fixture(scope="session")
 def tiny_export_fp16_path(tmp_path_factory):
-    from exporters.onnx_export import export_onnx
+    from gptdeploy.app.exporting import export_model
     from gptdeploy.loading import load
 
-    return export_onnx(load("tiny", weights="random", seed=0), tmp_path_factory.mktemp("export") / "tiny-fp16",
-                       precision="fp16", progress=False).path
+    return export_model(load("tiny", weights="random", seed=0), tmp_path_factory.mktemp("export") / "tiny-fp16",
+                       precision="fp16").path
 
 
 @pytest.fixture(scope="session")
 def tiny_variants_path(tiny_export_path, tmp_path_factory):
     """A copy of the tiny export with its ONNX Runtime variants (gptdeploy optimize)."""
-    from exporters.ort_optimize import optimize_export
+    from gptdeploy.app.exporting import optimize_export
 
     folder = tmp_path_factory.mktemp("export") / "tiny-variants"
     shutil.copytree(tiny_export_path, folder)
-    return optimize_export(folder, sorted(VARIANT_PRECISIONS), progress=False).folder.path
+    return optimize_export(folder, sorted(VARIANT_PRECISIONS)).folder.path
 
 
 @pytest.mark.parametrize("target", _rows())
@@ -250,7 +253,7 @@ def test_a_changed_weight_fails_and_the_report_says_what_would_pass(tiny_export_
     assert "FAIL" in result.stdout and "Traceback" not in result.stderr
     suggested = dict(re.findall(r"passes with --tol (\w+)=(\S+)\)", result.stdout))
     assert "max_abs" in suggested and "kv_max_abs" in suggested, result.stdout  # the weight is in layer 0
-    assert float(suggested["max_abs"]) > DEFAULT_TOLERANCES["fp32"]["max_abs"]
+    assert float(suggested["max_abs"]) > TOLERANCES["fp32"]["max_abs"]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] is False
     failed = {c["metric"]: c for c in report["runtimes"][0]["checks"] if not c["passed"]}
@@ -296,7 +299,7 @@ def test_parity_command_json_report(tmp_path, tiny_export_path):
     (["--runtimes", "tensorflow"], "unknown runtime 'tensorflow'"),
     (["--runtimes", "torch"], "nothing to compare: torch fp32 is the reference"),
     (["--runtimes", ","], "--runtimes names no runtime"),
-    (["--precision", "fp8"], "no default tolerances for precision 'fp8'"),
+    (["--precision", "fp8"], "unknown precision 'fp8'"),
     (["--reference", ":fp16"], "--reference takes RUNTIME[:PRECISION]"),
     (["--tol", "max_abs"], "--tol takes METRIC=VALUE"),
     (["--tol", "speed=1"], "METRIC one of max_abs"),
@@ -330,7 +333,7 @@ def test_unavailable_runtime_says_how_to_install():
 def test_parity_needs_no_torch_between_onnx_runtimes(tiny_export_path, tiny_export_fp16_path):
     """ort fp16 against an ort fp32 reference: the comparator and the ONNX runners, torch blocked."""
     code = """
-        from gptdeploy.cli import main
+        from gptdeploy.app.cli import main
         sys.argv = ["gptdeploy", "parity", sys.argv[1], "--reference", "ort", "--runtimes", "ort",
                     "--export", sys.argv[2], "--steps", "2", "--greedy-tokens", "4"]
         try:

@@ -13,12 +13,13 @@ import torch
 
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import read_export
-from gptdeploy.generation import GenerationConfig, generate
+from gptdeploy.app.generation import GenerationConfig, generate
 from gptdeploy.loading import load
 from gptdeploy.tokenizer import BPETokenizer
-from runtimes.ort import OrtCudaRunner, OrtRunner, SessionConfig
-from runtimes.registry import RUNTIMES, cuda_device_count, open_runner, require
-from runtimes.torch_runner import TorchRunner
+from gptdeploy.runtimes.ort import OrtCudaRunner, OrtRunner, SessionConfig
+from gptdeploy.app.sources import open_runner
+from gptdeploy.runtimes.registry import RUNTIMES, require
+from gptdeploy.runtimes.torch_runner import TorchRunner
 from tests.test_cli import assert_one_line_error, gptdeploy
 
 PROMPTS = ["Hello world", "The", "A longer prompt, so that the batch is ragged: eleven tokens"]
@@ -160,18 +161,32 @@ def test_registry_names_every_runtime():
     assert all(name in str(error.value) for name in RUNTIMES)
 
 
-def test_reserved_runtimes_are_refused_with_what_is_missing():
-    for name in ("trt", "ort-trt"):
-        with pytest.raises(GptDeployError, match=f"runtime '{name}' is not (available|implemented)"):
-            require(name)
-    if RUNTIMES["trt"].missing():
-        assert "pip install 'gptdeploy[trt]'" in RUNTIMES["trt"].missing()
+@pytest.mark.parametrize("name", ["trt", "ort-trt"])
+def test_tensorrt_runtimes_are_refused_with_everything_missing(name):
+    missing = RUNTIMES[name].missing()
+    if not missing:
+        pytest.skip(f"TensorRT and a GPU are here: {name} can run")
+    with pytest.raises(GptDeployError, match=f"runtime '{name}' cannot run on this machine: ") as error:
+        require(name)
+    assert all(line in str(error.value) for line in missing) and "\n" not in str(error.value)
 
 
 @pytest.mark.skipif(not RUNTIMES["ort-cuda"].missing(), reason="this machine can run ort-cuda")
 def test_ort_cuda_without_gpu_says_how_to_install():
-    with pytest.raises(GptDeployError, match=r"runtime 'ort-cuda' is not available on this machine: .*pip install"):
+    with pytest.raises(GptDeployError, match=r"runtime 'ort-cuda' cannot run on this machine: .*pip install"):
         require("ort-cuda")
+
+
+def test_a_runtime_is_one_module_and_one_registry_entry():
+    """Each entry's factory names a Runner subclass with an `open`; nothing is imported before it is used."""
+    from gptdeploy.runtimes.base import Runner
+
+    for spec in RUNTIMES.values():
+        module, _, name = spec.factory.partition(":")
+        assert module.startswith("gptdeploy.runtimes.") and name
+    for name in ("torch", "ort"):
+        cls = RUNTIMES[name].runner_class()
+        assert issubclass(cls, Runner) and cls.open.__func__ is not Runner.open.__func__
 
 
 def test_open_runner_sources(lively_export_path, tmp_path):
@@ -191,14 +206,14 @@ def test_checkpoint_is_exported_once_into_the_cache(tmp_path, monkeypatch, tiny_
     """An entry for the same weights and precision is reused; a broken one is exported again."""
     import shutil
 
-    from gptdeploy.export_cache import cached_export_path
+    from gptdeploy.app.export_cache import ExportCache
 
     monkeypatch.setenv("GPTDEPLOY_CACHE", str(tmp_path / "cache"))
-    loaded = load("tiny", weights="random")
-    entry = cached_export_path(loaded, "fp32")
+    cache, loaded = ExportCache(), load("tiny", weights="random")
+    entry = cache.path(loaded, "fp32")
     assert entry == tmp_path / "cache" / "exports" / f"{loaded.fingerprint}-fp32"
-    assert cached_export_path(load("tiny", weights="random", seed=1), "fp32") != entry
-    assert cached_export_path(loaded, "fp16") != entry
+    assert cache.path(load("tiny", weights="random", seed=1), "fp32") != entry
+    assert cache.path(loaded, "fp16") != entry
     shutil.copytree(tiny_export_path, entry)  # as if exported before
     created = read_export(entry).manifest["created"]
     runner, _ = open_runner("ort", "tiny", weights="random")
@@ -206,7 +221,7 @@ def test_checkpoint_is_exported_once_into_the_cache(tmp_path, monkeypatch, tiny_
 
     shutil.rmtree(entry)
     (entry / "onnx").mkdir(parents=True)  # an export that died half-way
-    runner, _ = open_runner("ort", "tiny", weights="random", progress=False)
+    runner, _ = open_runner("ort", "tiny", weights="random")
     assert runner.folder.path == entry and read_export(entry).manifest["source"]["sha256"] == loaded.fingerprint
     tok = BPETokenizer()
     assert generate(runner, tok, PROMPTS, GREEDY).new_ids == generate(OrtRunner(tiny_export_path), tok, PROMPTS, GREEDY).new_ids
@@ -236,8 +251,8 @@ def test_ort_runner_and_generation_need_no_torch(lively, lively_export_path):
     code = """
         import json
         from gptdeploy.export_folder import read_export
-        from gptdeploy.generation import GenerationConfig, generate, stream
-        from runtimes.ort import OrtRunner
+        from gptdeploy.app.generation import GenerationConfig, generate, stream
+        from gptdeploy.runtimes.ort import OrtRunner
         folder = read_export(sys.argv[1])
         runner, tok = OrtRunner(folder), folder.tokenizer()
         result = generate(runner, tok, json.loads(sys.argv[2]), GenerationConfig(max_new_tokens=32, greedy=True))
@@ -255,7 +270,7 @@ def test_ort_runner_and_generation_need_no_torch(lively, lively_export_path):
 
 def test_generate_command_needs_no_torch_for_an_export_folder(lively_export_path):
     code = """
-        from gptdeploy.cli import main
+        from gptdeploy.app.cli import main
         sys.argv = ["gptdeploy", "generate", sys.argv[1], "--prompt", "Hello world", "--greedy", "--json",
                     "--max-new-tokens", "32"]
         main()
@@ -312,7 +327,7 @@ def test_generate_exports_a_preset_into_the_cache(tmp_path):
     "args, fragment",
     [
         (["tiny", "--random", "--runtime", "tensorflow"], "unknown runtime 'tensorflow'"),
-        (["tiny", "--random", "--runtime", "trt"], "runtime 'trt' is not"),
+        (["tiny", "--random", "--runtime", "trt"], "runtime 'trt' cannot run on this machine"),
         (["tiny", "--random", "--prompt", "Hi", "--max-new-tokens", "128"], "prompt of 1 tokens + 128 new tokens"),
         (["tiny", "--random", "--prompt-ids", "15496,50257"], "token id 50257 is out of range"),
         (["tiny", "--random", "--prompt-ids", "15496,x"], "--prompt-ids takes comma-separated integers"),
@@ -320,7 +335,7 @@ def test_generate_exports_a_preset_into_the_cache(tmp_path):
         (["tiny", "--random", "--prompt", "a", "--prompt-ids", "1"], "not both"),
         (["tiny", "--random", "--top-p", "2"], "top_p must be in (0, 1]"),
         (["tiny", "--random", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
-        (["tiny", "--random", "--precision", "fp8"], "unknown dtype 'fp8'"),
+        (["tiny", "--random", "--precision", "fp8"], "unknown precision 'fp8'"),
         (["gpt5"], "unknown model 'gpt5'"),
     ],
 )
@@ -349,11 +364,13 @@ def test_generate_on_unavailable_ort_cuda_is_one_line(lively_export_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(bool(RUNTIMES["ort-cuda"].missing()), reason=f"ort-cuda cannot run here: {RUNTIMES['ort-cuda'].missing()}")
+@pytest.mark.skipif(bool(RUNTIMES["ort-cuda"].missing()), reason=f"ort-cuda cannot run here: {'; '.join(RUNTIMES['ort-cuda'].missing())}")
 def test_ort_cuda_keeps_the_cache_on_the_gpu_and_matches_ort(lively_export_path):
     runner = OrtCudaRunner(lively_export_path)
     assert runner.session.get_providers()[0] == "CUDAExecutionProvider"
     _, cache = runner.step(np.array([[15496, 995]]), np.ones((1, 2)), np.array([[0, 1]]), runner.new_cache(1))
     assert all(value.device_name().lower() == "cuda" for value in cache.values)
     assert_same_greedy_tokens(OrtRunner(lively_export_path), runner, BPETokenizer())
+    from gptdeploy.environment import cuda_device_count
+
     assert cuda_device_count() >= 1

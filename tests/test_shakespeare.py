@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import gptdeploy
-from gptdeploy.generation import GenerationConfig, generate
+from gptdeploy.app.generation import GenerationConfig, generate
 from gptdeploy.presets import PRESETS
 from gptdeploy.tokenizer import BPETokenizer
-from runtimes.ort import OrtRunner
-from runtimes.torch_runner import TorchRunner
+from gptdeploy.runtimes.ort import OrtRunner
+from gptdeploy.runtimes.torch_runner import TorchRunner
 from tests.test_cli import gptdeploy as run_cli
 
 # The first 3,975 characters of the validation split (the last 10% of tinyshakespeare), cut at a line end.
@@ -72,9 +72,9 @@ def val_ids():
 
 @pytest.fixture(scope="module")
 def shakespeare_export(shakespeare, tmp_path_factory):
-    from exporters.onnx_export import export_onnx
+    from gptdeploy.app.exporting import export_model
 
-    return export_onnx(shakespeare, tmp_path_factory.mktemp("export") / "shakespeare", progress=False).path
+    return export_model(shakespeare, tmp_path_factory.mktemp("export") / "shakespeare").path
 
 
 def test_loads_from_the_package(shakespeare):

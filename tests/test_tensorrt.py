@@ -15,15 +15,14 @@ import shutil
 import numpy as np
 import pytest
 
-from exporters.tensorrt import (
-    DECODE, PREFILL, EngineSettings, Range, engine_spec, make_settings, profile_shapes, record_in_manifest,
-    recorded_settings, tensorrt_missing, write_atomic,
-)
+from gptdeploy.engines import EngineSettings, Range, engine_spec, make_settings, profile_shapes, recorded_settings
+from gptdeploy.environment import missing
 from gptdeploy.errors import GptDeployError
-from gptdeploy.export_folder import MANIFEST, read_export
+from gptdeploy.export_folder import DECODE, MANIFEST, PREFILL, read_export, update_manifest
+from gptdeploy.files import write_atomic
 from tests.test_cli import assert_one_line_error, gptdeploy
 
-TRT_MISSING = tensorrt_missing()
+TRT_MISSING = "; ".join(missing("tensorrt", "gpu", "torch-cuda")) or None
 needs_tensorrt = pytest.mark.skipif(TRT_MISSING is not None, reason=str(TRT_MISSING))
 
 
@@ -106,9 +105,9 @@ def test_an_unknown_symbolic_dimension_is_an_error():
 # --- cache keys and stale engines -----------------------------------------------------------
 
 
-def spec_for(folder_path, engine=PREFILL, settings=None, tensorrt="10.8.0.43", cc="9.0"):
+def spec_for(folder_path, engine=PREFILL, settings=None, tensorrt="10.8.0.43", cc="9.0", gpu="NVIDIA H100"):
     folder = read_export(folder_path)
-    return engine_spec(folder, engine, settings or make_settings(folder.config["block_size"]), tensorrt, cc)
+    return engine_spec(folder, engine, settings or make_settings(folder.config["block_size"]), tensorrt, cc, gpu)
 
 
 def test_cache_key_is_stable(tiny_export_path):
@@ -124,6 +123,7 @@ def test_cache_key_is_stable(tiny_export_path):
         dict(settings=make_settings(128, workspace_gib=2.0)),
         dict(tensorrt="11.4.0.106"),
         dict(cc="8.9"),
+        dict(gpu="NVIDIA H200"),  # the same compute capability as an H100; an engine is built for one device
     ],
 )
 def test_cache_key_changes_with_each_input(tiny_export_path, change):
@@ -144,9 +144,10 @@ def sha256(path):
 
 def record_fake_build(folder_path, spec, payload=b"engine bytes"):
     """Records `spec` as built, with `payload` standing in for TensorRT's serialized engine."""
+    (folder_path / spec.file).parent.mkdir(exist_ok=True)
     written = {spec.file: write_atomic(folder_path / spec.file, [payload])}
-    entry = spec.manifest_entry(size=len(payload), build_seconds=1.0, gpu="a test GPU")
-    return record_in_manifest(folder_path, {spec.engine: entry}, written)
+    entry = spec.manifest_entry(size=len(payload), build_seconds=1.0)
+    return update_manifest(read_export(folder_path), {"engines": {spec.engine: entry}}, written).manifest
 
 
 def test_stale_engine_detection(export_copy):
@@ -159,6 +160,7 @@ def test_stale_engine_detection(export_copy):
     reasons = {
         "tensorrt": spec_for(export_copy, tensorrt="11.4.0.106").stale_reason(entry, export_copy),
         "gpu": spec_for(export_copy, cc="8.9").stale_reason(entry, export_copy),
+        "device": spec_for(export_copy, gpu="NVIDIA H200").stale_reason(entry, export_copy),
         "shapes": spec_for(export_copy, settings=make_settings(128, batch=(1, 1, 2))).stale_reason(entry, export_copy),
         "workspace": spec_for(export_copy, settings=make_settings(128, workspace_gib=1)).stale_reason(entry, export_copy),
         "precision": dataclasses.replace(spec, precision="fp16").stale_reason(entry, export_copy),
@@ -166,6 +168,7 @@ def test_stale_engine_detection(export_copy):
     assert reasons == {
         "tensorrt": "built for tensorrt 10.8.0.43, this is 11.4.0.106",
         "gpu": "built for compute capability 9.0, this is 8.9",
+        "device": "built for gpu NVIDIA H100, this is NVIDIA H200",
         "shapes": "built for other input shapes",
         "workspace": "built with other settings",
         "precision": "built for precision fp32, this is fp16",
@@ -198,6 +201,7 @@ def test_engines_are_recorded_in_the_manifest(export_copy):
         assert entry["file"] == spec.file and entry["key"] == spec.key and entry["bytes"] == len(spec.engine) * 100
         assert entry["onnx"] == spec.graph_file and entry["graph_sha256"] == [sha256(export_copy / spec.graph_file)]
         assert entry["tensorrt"] == "10.8.0.43" and entry["compute_capability"] == "9.0"
+        assert entry["gpu"] == "NVIDIA H100"
         assert entry["profile"]["input_ids"]["max"][0] == 4
     assert engines[PREFILL]["graph"] == "no_past" and engines[DECODE]["graph"] == "with_past"
     assert recorded_settings(folder) == settings
@@ -206,17 +210,18 @@ def test_engines_are_recorded_in_the_manifest(export_copy):
     on_disk = {p.relative_to(export_copy).as_posix(): sha256(p) for p in export_copy.rglob("*")
                if p.is_file() and p.name != MANIFEST}
     assert folder.manifest["files"] == on_disk
-    assert not list(export_copy.rglob("*.tmp-*"))
+    assert not list(export_copy.rglob(".*"))
 
 
 def test_an_interrupted_write_leaves_the_old_file(tmp_path):
     target = tmp_path / "trt" / "prefill.engine"
-    write_atomic(target, [b"the old engine"])
 
     def chunks():
         yield b"half of a new engine"
         raise KeyboardInterrupt
 
+    target.parent.mkdir()
+    write_atomic(target, [b"the old engine"])
     with pytest.raises(KeyboardInterrupt):
         write_atomic(target, chunks())
     assert target.read_bytes() == b"the old engine"
@@ -254,7 +259,7 @@ def test_build_engine_needs_an_export_folder(tmp_path):
 @pytest.mark.parametrize("runtime, fragment", [("trt", "gptdeploy[trt]"), ("ort-trt", "TensorrtExecutionProvider")])
 def test_tensorrt_runtimes_say_what_is_missing(tiny_export_path, runtime, fragment):
     result = gptdeploy("generate", str(tiny_export_path), "--runtime", runtime, "--prompt", "Hello")
-    assert_one_line_error(result, f"runtime '{runtime}' is not available on this machine")
+    assert_one_line_error(result, f"runtime '{runtime}' cannot run on this machine")
     assert fragment in result.stderr
 
 
@@ -293,11 +298,13 @@ PROMPTS = [[464, 2068, 7586, 21831, 18045], [15496, 995]]
 @needs_tensorrt
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_trt_runner_matches_the_reference(gpu_export, lively, cuda_graphs):
-    from runtimes.torch_runner import TorchRunner
-    from runtimes.trt import TrtRunner
+    from gptdeploy.runtimes.torch_runner import TorchRunner
+    from gptdeploy.runtimes.trt import TrtRunner
+
+    from gptdeploy.app.exporting import ensure_engines
 
     expected, expected_cache = reference_steps(TorchRunner(lively.model), PROMPTS)
-    with TrtRunner(gpu_export, cuda_graphs=cuda_graphs) as runner:
+    with TrtRunner(ensure_engines(read_export(gpu_export)), cuda_graphs=cuda_graphs) as runner:
         got, got_cache = reference_steps(runner, PROMPTS)
         if cuda_graphs:  # the second run replays the captured graphs
             assert all(np.array_equal(a, b) for a, b in zip(reference_steps(runner, PROMPTS)[0], got))
@@ -312,13 +319,15 @@ def test_trt_runner_matches_the_reference(gpu_export, lively, cuda_graphs):
 @pytest.mark.gpu
 @needs_tensorrt
 def test_fp16_engines_come_from_the_fp16_export(lively, tmp_path):
-    from exporters.onnx_export import export_onnx
-    from runtimes.torch_runner import TorchRunner
-    from runtimes.trt import TrtRunner
+    from gptdeploy.app.exporting import export_model
+    from gptdeploy.runtimes.torch_runner import TorchRunner
+    from gptdeploy.runtimes.trt import TrtRunner
 
-    folder = export_onnx(lively, tmp_path / "lively-fp16", precision="fp16", progress=False).path
+    from gptdeploy.app.exporting import ensure_engines
+
+    folder = export_model(lively, tmp_path / "lively-fp16", precision="fp16").path
     expected, _ = reference_steps(TorchRunner(lively.model), PROMPTS)
-    with TrtRunner(folder) as runner:
+    with TrtRunner(ensure_engines(read_export(folder))) as runner:
         got, cache = reference_steps(runner, PROMPTS)
     assert read_export(folder).manifest["engines"][DECODE]["file"] == "trt/decode_fp16.engine"
     assert cache[0][0].dtype == np.float16  # the KV cache is fp16, as in the graph
@@ -330,13 +339,14 @@ def test_fp16_engines_come_from_the_fp16_export(lively, tmp_path):
 @pytest.mark.gpu
 @needs_tensorrt
 def test_engines_are_built_once_then_reused(gpu_export, capfd):
-    from exporters.tensorrt import ensure_engines
+    from gptdeploy.app.exporting import ensure_engines
+    from gptdeploy.progress import Progress
 
-    folder = read_export(gpu_export)
-    paths = ensure_engines(folder)
-    capfd.readouterr()
+    folder = ensure_engines(read_export(gpu_export))
+    paths = {name: gpu_export / entry["file"] for name, entry in folder.engines.items()}
     mtimes = {name: p.stat().st_mtime_ns for name, p in paths.items()}
-    assert ensure_engines(read_export(gpu_export)) == paths
+    capfd.readouterr()
+    assert ensure_engines(read_export(gpu_export), progress=Progress()).engines == folder.engines
     assert "using the cached prefill engine" in capfd.readouterr().err
     assert {name: p.stat().st_mtime_ns for name, p in paths.items()} == mtimes
     manifest = read_export(gpu_export).manifest
@@ -346,27 +356,30 @@ def test_engines_are_built_once_then_reused(gpu_export, capfd):
 
 @pytest.mark.gpu
 @needs_tensorrt
-def test_a_corrupt_engine_is_rebuilt(gpu_export, lively):
-    from runtimes.trt import TrtRunner
+def test_a_corrupt_engine_is_rebuilt_alone(gpu_export, lively):
+    from gptdeploy.app.exporting import ensure_engines
+    from gptdeploy.app.sources import open_runner
 
-    folder = read_export(gpu_export)
-    engine = gpu_export / folder.manifest["engines"][DECODE]["file"]
-    size = engine.stat().st_size
+    folder = ensure_engines(read_export(gpu_export))
+    engine = gpu_export / folder.engines[DECODE]["file"]
+    prefill = gpu_export / folder.engines[PREFILL]["file"]
+    size, prefill_mtime = engine.stat().st_size, prefill.stat().st_mtime_ns
     engine.write_bytes(b"\0" * size)  # same size: only deserialization can tell
-    with TrtRunner(gpu_export) as runner:
+    runner, _ = open_runner("trt", gpu_export)
+    with runner:
         logits, _ = reference_steps(runner, PROMPTS, steps=1)
-    assert engine.read_bytes() != b"\0" * size
+    assert engine.read_bytes() != b"\0" * size and prefill.stat().st_mtime_ns == prefill_mtime
     assert np.isfinite(logits[-1]).all()
 
 
 @pytest.mark.gpu
 def test_ort_trt_runner_matches_the_reference(gpu_export, lively):
-    from runtimes.ort_trt import OrtTrtRunner
-    from runtimes.registry import RUNTIMES
-    from runtimes.torch_runner import TorchRunner
+    from gptdeploy.runtimes.ort_trt import OrtTrtRunner
+    from gptdeploy.runtimes.registry import RUNTIMES
+    from gptdeploy.runtimes.torch_runner import TorchRunner
 
-    if missing := RUNTIMES["ort-trt"].missing():
-        pytest.skip(missing)
+    if lacking := RUNTIMES["ort-trt"].missing():
+        pytest.skip("; ".join(lacking))
     expected, _ = reference_steps(TorchRunner(lively.model), PROMPTS)
     with OrtTrtRunner(gpu_export) as runner:
         got, _ = reference_steps(runner, PROMPTS)

@@ -1,6 +1,7 @@
 """ONNX Runtime variants of an export: fused graphs, fp16, and int8 / int4 weights, beside model.onnx.
 
-    optimize_export("gpt2-onnx", ["fp32-fused", "q4"])      # gptdeploy optimize gpt2-onnx --variants fp32-fused,q4
+    fused, fusions = fused_graph(folder)
+    entry = write_variant(fused, fusions, "q4", folder, staging, DEFAULT_QUANTIZATION["q4"])
 
 Every variant is made from the portable onnx/model.onnx of an fp32 export, which stays as it is:
 
@@ -27,49 +28,27 @@ Every variant is made from the portable onnx/model.onnx of an fp32 export, which
 3. fp16: onnxruntime.transformers.float16, the logits kept fp32 (the contract).
    int8, q4: onnxruntime.quantization.MatMulNBitsQuantizer, round-to-nearest, blockwise along the
    input dimension, every MatMul with constant weights, the lm_head (a third of GPT-2 small) included.
-4. Validation (exporters.validate_variants) against the reference: the PyTorch model when given, else
-   the portable model.onnx in ONNX Runtime. A variant outside its bounds is not written.
-
-Writing is atomic: the variants are saved and validated in a temporary folder inside the export, moved
-into onnx/ by rename, and the manifest (its "variants" and "files") is rewritten last, to a temporary
-file renamed over it.
+This module writes a variant into the staging folder it is given. Validating it against the reference
+(gptdeploy parity with the export-time profile), moving it into the export and recording it in the
+manifest is the application's (gptdeploy.app.exporting): no variant is written that failed validation.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import datetime
-import gc
-import json
-import logging
-import os
-import shutil
-import tempfile
-import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from exporters.files import Steps, sha256_file
 from gptdeploy.errors import GptDeployError
-from gptdeploy.export_folder import (
-    KV_CONCAT,
-    KV_SHARED_BUFFER,
-    LOGITS_TO_KEEP,
-    MANIFEST,
-    VARIANTS,
-    WITH_PAST,
-    ExportFolder,
-    read_export,
-)
+from gptdeploy.export_folder import KV_CONCAT, KV_SHARED_BUFFER, LOGITS_TO_KEEP, VARIANTS, WITH_PAST, ExportFolder
+from gptdeploy.exporters.onnx_export import save_graph
+from gptdeploy.progress import quiet_libraries
 
 MS_DOMAIN = "com.microsoft"
 DEFAULT_VARIANTS = ("fp32-fused", "int8", "q4")  # the CPU ones; fp16 is for CUDA (add it by name)
-# Weights above this many bytes go to <graph>.onnx_data (protobuf cannot hold a file over 2 GiB).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+QUIET_LOGGERS = ("onnxscript", "onnxruntime.quantization", "onnx_ir")
 
 
 @dataclass(frozen=True)
@@ -95,14 +74,6 @@ class QuantSettings:
 DEFAULT_QUANTIZATION = {"int8": QuantSettings(bits=8), "q4": QuantSettings(bits=4)}
 
 
-@dataclass
-class OptimizeResult:
-    folder: ExportFolder  # re-read after the manifest was written
-    written: list[str]  # the variants made now
-    kept: list[str]  # the variants asked for that the folder already held
-    seconds: float
-
-
 def check_variants(names) -> list[str]:
     """The variant names, checked (one clear error for an unknown one), in VARIANTS' order."""
     names = [n.strip() for n in names if n.strip()]
@@ -114,92 +85,41 @@ def check_variants(names) -> list[str]:
     return [n for n in VARIANTS if n in names]
 
 
-def optimize_export(folder: ExportFolder | str | Path, variants=DEFAULT_VARIANTS, *, reference=None,
-                    quantization: dict[str, QuantSettings] | None = None, force: bool = False,
-                    progress: bool = True) -> OptimizeResult:
-    """Writes the ONNX Runtime `variants` of an fp32 export folder into it (see the module docstring).
-
-    reference: the PyTorch model (gptdeploy.model.GPT) the folder was exported from, to validate
-        against; None validates against the folder's own model.onnx in ONNX Runtime.
-    quantization: per quantized variant (int8, q4), settings in place of DEFAULT_QUANTIZATION.
-    force: make again the variants the folder already holds (otherwise they are kept as they are).
-    Raises GptDeployError for a folder that is not an fp32 export, bad settings, or a variant that fails
-    its validation (then nothing is written).
-    """
-    start = time.perf_counter()
-    folder = folder if isinstance(folder, ExportFolder) else read_export(folder)
-    names = check_variants(variants)
-    if folder.precision != "fp32":
-        raise GptDeployError(f"{folder.path} is an {folder.precision} export; variants are made from an fp32 "
-                             f"export (gptdeploy export SOURCE --precision fp32), fp16 included")
-    quantization = {**DEFAULT_QUANTIZATION, **(quantization or {})}
-    for settings in quantization.values():
-        settings.check()
-    kept = [n for n in names if n in folder.variants and not force]
-    todo = [n for n in names if n not in kept]
-    if not todo:
-        return OptimizeResult(folder, [], kept, time.perf_counter() - start)
-
-    from exporters.validate_variants import bounds_for, validate_variant
-
-    steps = Steps(progress)
-    tmp = Path(tempfile.mkdtemp(prefix=".optimize-", dir=folder.path))
-    try:
-        with steps.step(f"Fusing {folder.graph_path(WITH_PAST).relative_to(folder.path)} for ONNX Runtime"):
-            fused, fusions = _fused_graph(folder)
-        entries = {}
-        for name in todo:
-            variant = VARIANTS[name]
-            with steps.step(f"Writing {variant.file} ({variant.summary})"):
-                model, passes, quant = _variant_model(fused, name, folder.config, quantization.get(name))
-                external = _save(model, tmp / variant.file)
-                operators = _operator_counts(model)
-                del model
-            entry = {
-                "file": variant.file, "external_data": external, "precision": variant.precision,
-                "base": folder.manifest["graphs"][WITH_PAST]["file"],
-                "kv_cache": KV_CONCAT if name == "fp16" else KV_SHARED_BUFFER,
-                "execution_providers": ["CUDAExecutionProvider"] if name == "fp16" else ["CPUExecutionProvider"],
-                "optional_inputs": {LOGITS_TO_KEEP: "int64 scalar: logits of the last N positions only; 0 (the "
-                                                    "default): every position"},
-                "fusions": {k: v for k, v in fusions.items() if v},  # onnxscript's
-                "passes": passes,  # gptdeploy's, after them
-                "operators": operators,
-                "fused_operators": {k: v for k, v in operators.items() if k.startswith(MS_DOMAIN)},
-                "quantization": quant,
-            }
-            with steps.step(f"Validating {variant.file} in ONNX Runtime against the "
-                            f"{'PyTorch model' if reference is not None else 'portable model.onnx'}"):
-                report = validate_variant(tmp, folder, name, entry, reference, bounds_for(name))
-            if not report["passed"]:
-                raise GptDeployError(f"variant {name} failed validation, nothing written: {report['failures']}")
-            entry["validation"] = report
-            entries[name] = entry
-            gc.collect()  # the variant's graph and sessions: gone before the next one is built
-        _move_into_place(tmp, folder, entries)
-    except OSError as e:
-        raise GptDeployError(f"cannot write the variants into {folder.path}: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return OptimizeResult(read_export(folder.path), todo, kept, time.perf_counter() - start)
-
-
-def ensure_variants(path: str | Path, variants, *, reference=None, progress: bool = True) -> ExportFolder:
-    """The export folder at `path`, with `variants` made now if it lacks them (the export cache's way)."""
-    return optimize_export(path, variants, reference=reference, progress=progress).folder
+def write_variant(fused, fusions: dict, name: str, folder: ExportFolder, staging: Path,
+                  quant: QuantSettings | None = None) -> dict:
+    """Writes variant `name` of the fp32 export `folder`, made from its fused graph (`fused_graph`), to
+    its file under `staging`; returns its manifest entry (validation not included)."""
+    variant = VARIANTS[name]
+    model, passes, quantization = _variant_model(fused, name, folder.config, quant)
+    model.producer_name = "gptdeploy"
+    external = save_graph(model, staging / variant.file)
+    operators = _operator_counts(model)
+    return {
+        "file": variant.file, "external_data": external, "precision": variant.precision,
+        "base": folder.manifest["graphs"][WITH_PAST]["file"],
+        "kv_cache": KV_CONCAT if name == "fp16" else KV_SHARED_BUFFER,
+        "execution_providers": ["CUDAExecutionProvider"] if name == "fp16" else ["CPUExecutionProvider"],
+        "optional_inputs": {LOGITS_TO_KEEP: "int64 scalar: logits of the last N positions only; 0 (the "
+                                            "default): every position"},
+        "fusions": {k: v for k, v in fusions.items() if v},  # onnxscript's
+        "passes": passes,  # gptdeploy's, after them
+        "operators": operators,
+        "fused_operators": {k: v for k, v in operators.items() if k.startswith(MS_DOMAIN)},
+        "quantization": quantization,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
 # The graphs
 
 
-def _fused_graph(folder: ExportFolder):
+def fused_graph(folder: ExportFolder):
     """model.onnx with onnxscript's ONNX Runtime fusions; and the count of each fusion."""
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     model = ir.load(folder.graph_path(WITH_PAST))
-    with _quiet():
+    with quiet_libraries(*QUIET_LOGGERS):
         model, counts = optimize_for_ort(model)
     return model, dict(counts)
 
@@ -449,7 +369,7 @@ def _to_fp16(model):
     import onnx_ir as ir
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    with _quiet():
+    with quiet_libraries(*QUIET_LOGGERS):
         proto = convert_float_to_float16(ir.to_proto(model), keep_io_types=["logits"], disable_shape_infer=True)
     return ir.from_proto(proto)
 
@@ -457,16 +377,13 @@ def _to_fp16(model):
 def _quantize(model, quant: QuantSettings):
     import onnx_ir as ir
 
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    # the quantizer's module calls logging.basicConfig(level=INFO) when imported: undo that
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    # (the quantizer's module calls logging.basicConfig(level=INFO) when imported: quiet_libraries undoes it)
+    with quiet_libraries(*QUIET_LOGGERS):
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    root.handlers[:], root.level = handlers, level
-    quantizer = MatMulNBitsQuantizer(ir.to_proto(model), bits=quant.bits, block_size=quant.block_size,
-                                     is_symmetric=quant.symmetric, accuracy_level=quant.accuracy_level,
-                                     op_types_to_quantize=("MatMul",))
-    with _quiet():
+        quantizer = MatMulNBitsQuantizer(ir.to_proto(model), bits=quant.bits, block_size=quant.block_size,
+                                         is_symmetric=quant.symmetric, accuracy_level=quant.accuracy_level,
+                                         op_types_to_quantize=("MatMul",))
         quantizer.process()
     return ir.from_proto(quantizer.model.model)
 
@@ -474,67 +391,3 @@ def _quantize(model, quant: QuantSettings):
 def _operator_counts(model) -> dict[str, int]:
     counts = collections.Counter(f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in model.graph)
     return dict(sorted(counts.items()))
-
-
-def _save(model, path: Path) -> str | None:
-    """Saves the graph; weights past EXTERNAL_DATA_THRESHOLD go to <name>_data beside it. Returns that file."""
-    import onnx_ir as ir
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.producer_name = "gptdeploy"
-    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if weight_bytes <= EXTERNAL_DATA_THRESHOLD:
-        ir.save(model, path)
-        return None
-    data = path.with_name(path.name + "_data")
-    ir.save(model, path, external_data=data.name)
-    return f"onnx/{data.name}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Writing
-
-
-def _move_into_place(tmp: Path, folder: ExportFolder, entries: dict[str, dict]) -> None:
-    """The variant files into onnx/ (renames), then the manifest, rewritten to a temporary file and renamed."""
-    import onnxruntime
-    import onnxscript
-
-    moved = []
-    for entry in entries.values():
-        for relative in filter(None, (entry["file"], entry["external_data"])):
-            os.replace(tmp / relative, folder.path / relative)
-            moved.append(relative)
-    manifest = read_export(folder.path).manifest  # as it is now (another optimize may have added variants)
-    manifest.setdefault("variants", {}).update(entries)
-    manifest["variants"] = {name: manifest["variants"][name] for name in VARIANTS if name in manifest["variants"]}
-    manifest["files"].update({relative: sha256_file(folder.path / relative) for relative in moved})
-    manifest["files"] = dict(sorted(manifest["files"].items()))
-    manifest["versions"] = {**manifest.get("versions", {}), "onnxruntime": onnxruntime.__version__,
-                            "onnxscript": onnxscript.__version__}
-    manifest["optimized"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    fd, tmp_manifest = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=folder.path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp_manifest, (folder.path / MANIFEST).stat().st_mode & 0o777)
-        os.replace(tmp_manifest, folder.path / MANIFEST)
-    except BaseException:
-        Path(tmp_manifest).unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def _quiet():
-    """onnxscript's and ONNX Runtime's quantizer's progress logs and warnings would bury ours."""
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnxruntime.quantization", "onnx_ir")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels):
-                logger.setLevel(level)

@@ -1,4 +1,4 @@
-"""A benchmark report (gptdeploy.bench.run_bench) for people: rich tables, and a progress bar while it runs."""
+"""A benchmark report (gptdeploy.app.bench.run_bench) for people: rich tables, and progress while it runs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gptdeploy.bench import FAILED, OK
+from gptdeploy.app.bench_settings import FAILED, OK
+from gptdeploy.progress import Progress as Lines
 
 DASH = "—"
 
@@ -143,13 +144,15 @@ def print_report(report: dict, console: Console | None = None) -> None:
                           soft_wrap=True)
 
 
-class RichProgress:
-    """run_bench's progress as rich progress bars on stderr: one per step (bandwidth, export, each runtime)."""
+class BenchProgress:
+    """run_bench's progress on stderr: on a terminal a rich progress bar per step (bandwidth, export, each
+    runtime); in a log, a line when each step starts and one when it ends."""
 
-    def __init__(self, console: Console | None = None):
+    def __init__(self, lines: Lines | None = None):
+        self.lines = lines or Lines()
         self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                  MofNCompleteColumn(), TimeElapsedColumn(),
-                                  console=console or Console(stderr=True))
+                                  MofNCompleteColumn(), TimeElapsedColumn(), console=self.lines.console,
+                                  disable=not self.lines.interactive)
         self._tasks: dict[str, tuple] = {}  # name -> (task id, total)
 
     def __enter__(self):
@@ -159,6 +162,8 @@ class RichProgress:
         self._progress.stop()
 
     def start(self, name: str, total: int):
+        if not self.lines.interactive:
+            self.lines.note(f"bench: {name} ...")
         self._progress.start()  # on the first step, so that an error in the settings shows no bar
         task = self._progress.add_task(name, total=total)
         self._tasks[name] = task, total
@@ -171,3 +176,5 @@ class RichProgress:
     def finish(self, name: str, status: str) -> None:
         task, total = self._tasks[name]
         self._progress.update(task, description=f"{name}: {status}", completed=total)
+        if not self.lines.interactive:
+            self.lines.note(f"bench: {name}: {status}")

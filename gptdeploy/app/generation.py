@@ -1,9 +1,10 @@
-"""Text generation: one loop over any runner (runtimes.base.Runner), in numpy, without torch.
+"""Text generation: one loop over any runner (gptdeploy.runtimes.base.Runner), in numpy, without torch.
 
     config = GenerationConfig(max_new_tokens=32, temperature=0.8, top_k=200, seed=1)
     result = generate(runner, tokenizer, ["Hello", "The meaning of life is"], config)
     result.texts(tokenizer)
-    for piece in stream(runner, tokenizer, "Hello", config): print(piece, end="", flush=True)
+    for piece in (s := stream(runner, tokenizer, "Hello", config)): print(piece, end="", flush=True)
+    s.generation   # the ids, finish reason and timings, once the stream is exhausted
 
 Prompts of different lengths are left-padded into one batch: the attention mask hides the padding
 and the position ids count only real tokens, so each row computes what it would alone. A row that
@@ -24,9 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from gptdeploy.errors import GptDeployError
+from gptdeploy.steps import PAD_ID, decode_inputs, prefill_inputs
 from gptdeploy.tokenizer import Tokenizer
-
-PAD_ID = 0  # what padded positions hold; masked out, so any valid id does
 
 
 @dataclass(frozen=True)
@@ -136,19 +136,13 @@ def prepare_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]]
     return rows
 
 
-def _steps(runner, rows: list[list[int]], config: GenerationConfig, vocab_limit: int,
-           eot_id: int | None) -> Iterator[np.ndarray]:
+def _tokens(runner, rows: list[list[int]], config: GenerationConfig, vocab_limit: int,
+            eot_id: int | None) -> Iterator[np.ndarray]:
     """Yields, per step, the new token of every row; -1 for rows that have finished."""
     rng = np.random.default_rng(config.seed)
-    batch, longest = len(rows), max(len(ids) for ids in rows)
-    input_ids = np.full((batch, longest), PAD_ID, dtype=np.int64)
-    mask = np.zeros((batch, longest), dtype=np.int64)
-    for r, ids in enumerate(rows):
-        input_ids[r, longest - len(ids):] = ids
-        mask[r, longest - len(ids):] = 1
-    positions = np.maximum(mask.cumsum(-1) - 1, 0)
-    logits, cache = runner.step(input_ids, mask, positions, runner.new_cache(batch), last_only=True)
-    finished = np.zeros(batch, dtype=bool)
+    inputs = prefill_inputs(rows)
+    logits, cache = runner.step(*inputs, runner.new_cache(len(rows)), last_only=True)
+    finished = np.zeros(len(rows), dtype=bool)
     for step in range(config.max_new_tokens):
         tokens = choose_tokens(logits[:, -1], config, rng, vocab_limit)
         yield np.where(finished, -1, tokens)
@@ -156,10 +150,36 @@ def _steps(runner, rows: list[list[int]], config: GenerationConfig, vocab_limit:
             finished |= tokens == eot_id
         if finished.all() or step == config.max_new_tokens - 1:
             return  # the last token never goes through the model
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        positions = mask.sum(-1, keepdims=True) - 1
-        fed = np.where(finished, PAD_ID, tokens)[:, None]
-        logits, cache = runner.step(fed, mask, positions, cache, last_only=True)
+        inputs = decode_inputs(inputs, np.where(finished, PAD_ID, tokens))
+        logits, cache = runner.step(*inputs, cache, last_only=True)
+
+
+def _request(runner, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
+             config: GenerationConfig) -> list[list[int]]:
+    """The prompts' ids, checked with the options before anything runs."""
+    config.check()
+    return prepare_prompts(tokenizer, prompts, runner.info.vocab_size, runner.info.block_size, config.max_new_tokens)
+
+
+def _run(runner, tokenizer: Tokenizer, rows: list[list[int]], config: GenerationConfig,
+         eot_id: int | None) -> Iterator[tuple[int, int] | Generation]:
+    """The one generation loop: yields (row, token id) as tokens come, then the Generation."""
+    eot_id = tokenizer.eot_id if eot_id is None else eot_id
+    new_ids: list[list[int]] = [[] for _ in rows]
+    times = []
+    steps = _tokens(runner, rows, config, tokenizer.vocab_size, eot_id)
+    while True:
+        start = time.perf_counter()
+        tokens = next(steps, None)
+        times.append(time.perf_counter() - start)  # the model and sampling only, not the caller's work
+        if tokens is None:
+            break
+        for r, token in enumerate(tokens.tolist()):
+            if token >= 0:
+                new_ids[r].append(token)
+                yield r, token
+    reasons = ["eot" if config.stop_at_eot and ids[-1] == eot_id else "length" for ids in new_ids]
+    yield Generation(rows, new_ids, reasons, times[0], sum(times[1:]), eot_id)
 
 
 def generate(runner, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
@@ -170,26 +190,12 @@ def generate(runner, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]
     on_token(row, token_id) is called for every token as it comes (streaming).
     eot_id: the id that stops a row; the tokenizer's end-of-text by default.
     """
-    config.check()
-    rows = prepare_prompts(tokenizer, prompts, runner.info.vocab_size, runner.info.block_size,
-                           config.max_new_tokens)
-    eot_id = tokenizer.eot_id if eot_id is None else eot_id
-    new_ids: list[list[int]] = [[] for _ in rows]
-    times = []
-    steps = _steps(runner, rows, config, tokenizer.vocab_size, eot_id)
-    while True:
-        start = time.perf_counter()
-        tokens = next(steps, None)
-        times.append(time.perf_counter() - start)  # the model and sampling only, not on_token
-        if tokens is None:
-            break
-        for r, token in enumerate(tokens.tolist()):
-            if token >= 0:
-                new_ids[r].append(token)
-                if on_token is not None:
-                    on_token(r, token)
-    reasons = ["eot" if config.stop_at_eot and ids[-1] == eot_id else "length" for ids in new_ids]
-    return Generation(rows, new_ids, reasons, times[0], sum(times[1:]), eot_id)
+    for event in _run(runner, tokenizer, _request(runner, tokenizer, prompts, config), config, eot_id):
+        if isinstance(event, Generation):
+            return event
+        if on_token is not None:
+            on_token(*event)
+    raise AssertionError("the generation loop ended without a result")
 
 
 class TextStream:
@@ -215,15 +221,29 @@ class TextStream:
         return self._decoder.decode(b"", final=True)
 
 
+class Stream:
+    """The text generated from one prompt, piece by piece as the tokens come (iterate over it).
+
+    Once exhausted, `generation` holds the ids, the finish reason and the timings.
+    """
+
+    def __init__(self, runner, tokenizer: Tokenizer, prompt: str | Sequence[int], config: GenerationConfig):
+        self._events = _run(runner, tokenizer, _request(runner, tokenizer, [prompt], config), config, None)
+        self._text = TextStream(tokenizer, skip_ids=[tokenizer.eot_id])
+        self.generation: Generation | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for event in self._events:
+            if isinstance(event, Generation):
+                self.generation = event
+            elif piece := self._text.push(event[1]):
+                yield piece
+        if tail := self._text.finish():
+            yield tail
+
+
 def stream(runner, tokenizer: Tokenizer, prompt: str | Sequence[int],
-           config: GenerationConfig = GenerationConfig()) -> Iterator[str]:
-    """The text generated from one prompt, piece by piece as the tokens come."""
-    config.check()
-    rows = prepare_prompts(tokenizer, [prompt], runner.info.vocab_size, runner.info.block_size,
-                           config.max_new_tokens)
-    text = TextStream(tokenizer, skip_ids=[tokenizer.eot_id])
-    for tokens in _steps(runner, rows, config, tokenizer.vocab_size, tokenizer.eot_id):
-        if tokens[0] >= 0 and (piece := text.push(int(tokens[0]))):
-            yield piece
-    if tail := text.finish():
-        yield tail
+           config: GenerationConfig = GenerationConfig()) -> Stream:
+    """The text generated from one prompt, piece by piece as the tokens come (see Stream). Bad options and
+    prompts are refused here, before the first piece."""
+    return Stream(runner, tokenizer, prompt, config)

@@ -3,7 +3,7 @@
 A RuntimeSession sets a runtime up (timed, with its memory) and then runs, when asked, one round
 (the prompt and the decode steps after it) or one generation at a time, returning raw times. A
 Worker holds a session (or the export job) in a spawned process of its own: its memory is its own,
-and gptdeploy.bench can take turns between the runtimes round by round, so that a machine whose
+and gptdeploy.app.bench can take turns between the runtimes round by round, so that a machine whose
 speed drifts (other work, a neighbour on the host's memory bus) slows every runtime alike.
 """
 
@@ -20,9 +20,17 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from gptdeploy.bench import FAILED, UNAVAILABLE, BenchSettings, split_runtime
+from gptdeploy.app.bench_settings import FAILED, UNAVAILABLE, BenchSettings, split_runtime
+from gptdeploy.app.export_cache import ExportCache
+from gptdeploy.app.exporting import ensure_engines, optimize_export
+from gptdeploy.app.generation import GenerationConfig, generate
+from gptdeploy.app.machine import GpuMemoryMonitor, ResidentMemory
+from gptdeploy.app.sources import open_runner
 from gptdeploy.errors import GptDeployError
-from gptdeploy.export_folder import is_export_folder, read_export
+from gptdeploy.export_folder import read_export
+from gptdeploy.precision import CHECKPOINT
+from gptdeploy.runtimes.registry import RUNTIMES
+from gptdeploy.steps import decode_inputs, prefill_inputs
 
 
 class _Clock:
@@ -47,33 +55,33 @@ def token_ids(seed: int, batch: int, length: int, vocab: int) -> np.ndarray:
     return np.random.default_rng([seed, batch]).integers(0, vocab, size=(batch, length), dtype=np.int64)
 
 
-def _open_timed(settings: BenchSettings, name: str, device: str | None, export_folder: str | None):
-    """The runner, its tokenizer, and the seconds each part of its set-up took."""
-    from runtimes.ort import SessionConfig
-    from runtimes.registry import CHECKPOINT, RUNTIMES, open_runner
+def _open_timed(settings: BenchSettings, name: str, device: str | None, export_folder: str | None,
+                own_process: bool):
+    """The runner, its tokenizer, and the seconds each part of its set-up took.
 
+    own_process: the worker is a process of its own, so it may set torch's thread count (a process-wide
+    setting); in the caller's process torch's threads are left as they are, and the report says how many.
+    """
+    runtime, variant = split_runtime(name)
     setup: dict[str, float] = {}
-    if RUNTIMES[split_runtime(name)[0]].runs == CHECKPOINT:
-        import torch
+    if RUNTIMES[runtime].runs == CHECKPOINT:
+        if own_process:
+            import torch
 
-        torch.set_num_threads(settings.threads)
+            torch.set_num_threads(settings.threads)
         start = time.perf_counter()
         runner, tokenizer = open_runner(name, settings.source, precision=settings.precision, device=device,
                                         weights="random" if settings.random_weights else None,
-                                        weights_seed=settings.seed, progress=False)
+                                        weights_seed=settings.seed)
         setup["load_s"] = time.perf_counter() - start
         return runner, tokenizer, setup
-    if name == "trt":  # build (or find) the engines apart from loading them
-        from exporters.tensorrt import ensure_engines
-
+    if RUNTIMES[runtime].needs_engines:  # build (or find) the engines apart from loading them
         start = time.perf_counter()
         ensure_engines(read_export(export_folder))
         setup["engine_build_s"] = time.perf_counter() - start
-    session_config = SessionConfig(intra_op_threads=settings.threads, optimization_level=settings.ort_optimization)
-    runtime, variant = split_runtime(name)
     start = time.perf_counter()
-    runner, tokenizer = open_runner(runtime, export_folder, device=device, session_config=session_config,
-                                    variant=variant)
+    runner, tokenizer = open_runner(runtime, export_folder, device=device, variant=variant, threads=settings.threads,
+                                    optimization=settings.ort_optimization)
     setup["session_s"] = time.perf_counter() - start
     return runner, tokenizer, setup
 
@@ -89,9 +97,8 @@ def _thread_count(runner) -> int | None:
 class RuntimeSession:
     """One runtime, set up (timed) on creation, measured one round or generation at a time."""
 
-    def __init__(self, settings: BenchSettings, name: str, device: str | None, export_folder: str | None):
-        from gptdeploy.machine import GpuMemoryMonitor, ResidentMemory
-
+    def __init__(self, settings: BenchSettings, name: str, device: str | None, export_folder: str | None,
+                 own_process: bool = True):
         self.settings, self.name, self.runner = settings, name, None
         self._memory = ResidentMemory()
         self._memory.reset_peak()
@@ -99,7 +106,7 @@ class RuntimeSession:
         cuda_index = int(device.split(":")[1]) if device and ":" in device else 0
         self._gpu = GpuMemoryMonitor(cuda_index) if device and device.startswith("cuda") else None
         with self._working():
-            self.runner, self.tokenizer, self.setup = _open_timed(settings, name, device, export_folder)
+            self.runner, self.tokenizer, self.setup = _open_timed(settings, name, device, export_folder, own_process)
         self._setup_peak_rss = self._memory.peak_mb()
         self._setup_peak_gpu = self._gpu.peak_mb() if self._gpu is not None else None
         torch = sys.modules.get("torch")
@@ -121,25 +128,19 @@ class RuntimeSession:
         s = self.settings
         prompt_len, steps = s.prompt_len, s.new_tokens - 1
         ids = token_ids(s.seed, batch, prompt_len + steps, self.tokenizer.vocab_size)
-        prompt, fed = ids[:, :prompt_len], ids[:, prompt_len:]
-        positions = np.tile(np.arange(prompt_len), (batch, 1))
-        mask = np.ones((batch, prompt_len), dtype=np.int64)
+        inputs = prefill_inputs(ids[:, :prompt_len])
         runner, step_s = self.runner, []
         with self._working():
             (_, cache), prefill_s = self._clock.time(
-                lambda: runner.step(prompt, mask, positions, runner.new_cache(batch), last_only=True))
+                lambda: runner.step(*inputs, runner.new_cache(batch), last_only=True))
             for i in range(steps):
-                mask = np.ones((batch, prompt_len + i + 1), dtype=np.int64)
-                positions = np.full((batch, 1), prompt_len + i, dtype=np.int64)
-                (_, cache), seconds = self._clock.time(
-                    lambda: runner.step(fed[:, i:i + 1], mask, positions, cache, last_only=True))
+                inputs = decode_inputs(inputs, ids[:, prompt_len + i])
+                (_, cache), seconds = self._clock.time(lambda: runner.step(*inputs, cache, last_only=True))
                 step_s.append(seconds)
         return {"prefill_s": prefill_s, "steps_s": step_s}
 
     def generate(self, batch: int) -> dict:
         """gptdeploy's generate, greedy, on the round's prompt: time to first token and in all."""
-        from gptdeploy.generation import GenerationConfig, generate
-
         s = self.settings
         prompt = token_ids(s.seed, batch, s.prompt_len + s.new_tokens - 1, self.tokenizer.vocab_size)[:, :s.prompt_len]
         config = GenerationConfig(max_new_tokens=s.new_tokens, greedy=True, stop_at_eot=False)
@@ -179,25 +180,20 @@ class ExportJob:
         self.settings, self.precision = settings, precision
 
     def run(self) -> dict:
-        from gptdeploy.export_cache import cached_export, cached_export_path
         from gptdeploy.loading import load
 
-        settings = self.settings
+        settings, cache = self.settings, ExportCache()
         start = time.perf_counter()
         loaded = load(settings.source, weights="random" if settings.random_weights else None, seed=settings.seed)
         load_s = time.perf_counter() - start
-        path = cached_export_path(loaded, self.precision)
-        before = read_export(path).manifest.get("created") if is_export_folder(path) else None
+        reused = cache.get(loaded, self.precision) is not None
         start = time.perf_counter()
-        folder = cached_export(loaded, self.precision, progress=False)
+        folder = cache.export(loaded, self.precision)
         export_s = time.perf_counter() - start
-        reused = before is not None and read_export(folder).manifest.get("created") == before
-        result = {"folder": str(folder), "load_s": load_s, "export_s": export_s, "export_reused": reused}
+        result = {"folder": str(folder.path), "load_s": load_s, "export_s": export_s, "export_reused": reused}
         variants = [v for v in dict.fromkeys(split_runtime(n)[1] for n in settings.runtimes) if v]
         if variants:
-            from exporters.ort_optimize import optimize_export
-
-            optimized = optimize_export(folder, variants, reference=loaded.model, progress=False)
+            optimized = optimize_export(folder, variants, reference=loaded.model)
             result |= {"optimize_s": optimized.seconds, "variants_reused": not optimized.written}
         return result
 
@@ -253,7 +249,7 @@ class Worker:
         self._local = self._process = None
         if not isolate:
             try:
-                self._local = KINDS[kind](*args)
+                self._local = KINDS[kind](*args, own_process=False) if kind == "runtime" else KINDS[kind](*args)
             except Exception as e:
                 raise WorkerFailed.from_exception(e) from None
             return

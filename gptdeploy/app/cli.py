@@ -1,4 +1,4 @@
-"""The `gptdeploy` command line.
+"""The `gptdeploy` command line: it parses, calls the application layer, and prints; nothing more.
 
 Every command raises GptDeployError for bad input; `main` turns it into one line on stderr and exit
 code 2, so a user never sees a traceback for a mistake of theirs (GPTDEPLOY_DEBUG=1 shows it).
@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from gptdeploy.errors import GptDeployError
+from gptdeploy.progress import Progress
 
 app = typer.Typer(
     add_completion=False,
@@ -52,9 +53,10 @@ def export(
              "fp32-fused,int8,q4]", show_default=False)] = None,
 ):
     """Export to an ONNX model folder (graphs with and without KV cache), validated in ONNX Runtime."""
-    from exporters.onnx_export import (
-        DEFAULT_OPSET, check_destination, check_opset, check_precision, default_out_dir, export_onnx,
-    )
+    from gptdeploy.app.exporting import ensure_engines, export_model, optimize_export
+    from gptdeploy.environment import import_tensorrt
+    from gptdeploy.export_folder import check_destination, read_export
+    from gptdeploy.exporters.onnx_export import DEFAULT_OPSET, check_opset, check_precision
     from gptdeploy.loading import load
 
     out = out or default_out_dir(source, precision)
@@ -63,34 +65,39 @@ def export(
     check_destination(out.absolute(), force)
     chosen_variants = _check_optimize_options(optimize, variants, precision)
     if trt:
-        from exporters.tensorrt import tensorrt_missing
-
-        if missing := tensorrt_missing():  # say so before the export, not after it
-            raise GptDeployError(missing)
+        import_tensorrt()  # what is missing, said before the export, not after it
+    progress = Progress()
     loaded = load(source, weights="random" if random else None, seed=seed)
-    result = export_onnx(loaded, out, precision=precision, opset=opset, force=force)
+    result = export_model(loaded, out, precision=precision, opset=opset, force=force, progress=progress)
+    _print_export(source, out, result)
+    if optimize:
+        _print_variants(optimize_export(out, chosen_variants, reference=loaded.model, progress=progress))
+    if trt:
+        for name, entry in ensure_engines(read_export(out), progress=progress).engines.items():
+            print(f"TensorRT {name} engine: {out / entry['file']}")
+
+
+def default_out_dir(source: str, precision: str) -> Path:
+    """./NAME-onnx in the current folder (NAME-onnx-fp16 for fp16): NAME is the preset, or the folder of the checkpoint."""
+    path = Path(source).expanduser()
+    name = path.resolve().parent.name if path.is_file() else (path.resolve().name if path.exists() else source)
+    return Path(f"{name}-onnx" + ("-fp16" if precision == "fp16" else ""))
+
+
+def _print_export(source: str, out: Path, result) -> None:
     v = result.validation
     files = ", ".join(result.manifest["files"]) + ", gptdeploy.json"
+    checks = sum(len(g["checks"]) for g in v["graphs"].values())
     print(f"Wrote {out}/ ({result.size_bytes / 1e6:.1f} MB): {files}")
-    print(f"Validated in ONNX Runtime (CPU) against the reference model over {len(v.checks)} checks (prefill, "
-          f"{len(v.checks) - 2} decode steps, no-past graph): max |logits diff| {v.max_abs_diff:.2g} "
-          f"(bound {v.bound:.2g}), top-1 agreement {v.top1_agreement:.1%} ({v.decisive_top1_agreement:.1%} where the "
-          f"reference's lead exceeds the bound)")
-    print(f"Exported {source} ({precision}, opset {result.manifest['opset']}) in {result.seconds:.1f} s")
-    if optimize:
-        from exporters.ort_optimize import optimize_export
-
-        _print_variants(optimize_export(out, chosen_variants, reference=loaded.model))
-    if trt:
-        from exporters.tensorrt import ensure_engines
-        from gptdeploy.export_folder import read_export
-
-        for name, path in ensure_engines(read_export(out)).items():
-            print(f"TensorRT {name} engine: {path}")
+    print(f"Validated in ONNX Runtime (CPU) against {v['reference']}, {', '.join(v['graphs'])}: {checks} checks "
+          f"passed; max |logits diff| {v['max_abs_diff']:.2g}, max relative {v['max_rel_diff']:.2g}, top-1 agreement "
+          f"{v['top1_agreement']:.1%}")
+    print(f"Exported {source} ({result.manifest['precision']}, opset {result.manifest['opset']}) in "
+          f"{result.seconds:.1f} s")
 
 
 def _check_optimize_options(optimize: bool, variants: str | None, precision: str) -> list[str] | None:
-    from exporters.ort_optimize import DEFAULT_VARIANTS, check_variants
+    from gptdeploy.exporters.ort_variants import DEFAULT_VARIANTS, check_variants
 
     if not optimize:
         if variants is not None:
@@ -111,7 +118,7 @@ def _print_variants(result) -> None:
         size = (result.folder.path / entry["file"]).stat().st_size / 1e6
         status = "kept (already there; --force makes it again)" if name in result.kept else "wrote"
         print(f"{name}: {status} {entry['file']} ({size:.0f} MB; {fused}); vs {v['reference']}: max |logits diff| "
-              f"{v['max_abs_diff']:.2g}, top-1 agreement {v['top1_agreement']:.1%}")
+              f"{v['max_abs_diff']:.2g}, max relative {v['max_rel_diff']:.2g}, cosine {v['cosine']:.6f}")
     if result.written:
         print(f"Optimized in {result.seconds:.1f} s")
 
@@ -130,12 +137,13 @@ def optimize(
     force: Annotated[bool, typer.Option("--force", help="Write again the variants the folder holds.")] = False,
 ):
     """Add ONNX Runtime variants (fused, fp16, int8, int4) beside onnx/model.onnx, each validated."""
-    from exporters.ort_optimize import QuantSettings, check_variants, optimize_export
+    from gptdeploy.app.exporting import optimize_export
+    from gptdeploy.exporters.ort_variants import QuantSettings, check_variants
 
     names = check_variants(variants.split(","))
     quantization = {name: QuantSettings(bits=bits, block_size=block_size, symmetric=symmetric,
                                         accuracy_level=accuracy_level) for name, bits in (("int8", 8), ("q4", 4))}
-    _print_variants(optimize_export(folder, names, quantization=quantization, force=force))
+    _print_variants(optimize_export(folder, names, quantization=quantization, force=force, progress=Progress()))
 
 
 def _range_opt(kind: str, point: str, what: str):
@@ -161,7 +169,8 @@ def build_engine(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the cached engines match.")] = False,
 ):
     """Build TensorRT engines into an export folder; cached ones are reused while they match."""
-    from exporters.tensorrt import ensure_engines, make_settings
+    from gptdeploy.app.exporting import ensure_engines
+    from gptdeploy.engines import make_settings
     from gptdeploy.export_folder import read_export
 
     export_folder = read_export(folder)
@@ -173,11 +182,10 @@ def build_engine(
     given = workspace is not None or any(v is not None for r in ranges.values() for v in r)
     # no option: the settings the engines were last built with (or the defaults)
     settings = make_settings(export_folder.config["block_size"], **ranges, workspace_gib=workspace) if given else None
-    paths = ensure_engines(export_folder, settings, force=force)
-    for name, path in paths.items():
-        entry = export_folder.manifest["engines"][name]
-        print(f"{name}: {path} ({entry['bytes'] / 2**20:.1f} MiB; TensorRT {entry['tensorrt']}, {entry['gpu']}, "
-              f"built {entry['built']} in {entry['build_seconds']} s)")
+    export_folder = ensure_engines(export_folder, settings, force=force, progress=Progress())
+    for name, entry in export_folder.engines.items():
+        print(f"{name}: {export_folder.path / entry['file']} ({entry['bytes'] / 2**20:.1f} MiB; TensorRT "
+              f"{entry['tensorrt']}, {entry['gpu']}, built {entry['built']} in {entry['build_seconds']} s)")
 
 
 @app.command()
@@ -228,74 +236,108 @@ def generate(
     weights_seed: Annotated[int, typer.Option(help="Seed of the random weights (--random).")] = 0,
 ):
     """Generate text from a prompt on any runtime; the text streams to stdout."""
-    import json
-    import secrets
     import time
 
-    from gptdeploy.export_folder import VARIANT_OF_PRECISION, is_export_folder
-    from gptdeploy.generation import GenerationConfig, TextStream, prepare_prompts
-    from gptdeploy.generation import generate as run_generation
-    from runtimes.ort import SessionConfig
-    from runtimes.registry import open_runner
+    from gptdeploy.app.sources import open_runner
+
+    prompts = _prompts(prompt, prompt_ids)
+    config = _generation_config(max_new_tokens, greedy, temperature, top_k, top_p, seed)
+    runtime = runtime or _default_runtime(source, precision, variant)
+    start = time.perf_counter()
+    runner, tokenizer = open_runner(runtime, source, precision=precision, variant=variant, device=device,
+                                    threads=threads, weights="random" if random else None,
+                                    weights_seed=weights_seed, progress=Progress())
+    load_s = time.perf_counter() - start
+    if json_output:
+        _generate_json(source, runner, tokenizer, prompts, config, load_s)
+    elif len(prompts) == 1:
+        _generate_streaming(runner, tokenizer, prompts[0], config)
+    else:
+        _generate_batch(runner, tokenizer, prompts, config)
+
+
+def _prompts(prompt: list[str] | None, prompt_ids: str | None) -> list:
+    if prompt and prompt_ids is not None:
+        raise GptDeployError("give --prompt or --prompt-ids, not both")
+    if prompt_ids is None:
+        return prompt or [""]
+    try:
+        return [[int(i) for i in prompt_ids.split(",")]]
+    except ValueError:
+        raise GptDeployError(f"--prompt-ids takes comma-separated integers, not {prompt_ids!r}") from None
+
+
+def _generation_config(max_new_tokens, greedy, temperature, top_k, top_p, seed):
+    """The options as a GenerationConfig, checked before any model loads."""
+    import secrets
+
+    from gptdeploy.app.generation import GenerationConfig
 
     if greedy and (temperature, top_k, top_p) != (None, None, None):
         raise GptDeployError("--greedy takes no --temperature, --top-k or --top-p")
-    if prompt and prompt_ids is not None:
-        raise GptDeployError("give --prompt or --prompt-ids, not both")
-    if prompt_ids is not None:
-        try:
-            prompts = [[int(i) for i in prompt_ids.split(",")]]
-        except ValueError:
-            raise GptDeployError(f"--prompt-ids takes comma-separated integers, not {prompt_ids!r}") from None
-    else:
-        prompts = prompt or [""]
-    config = GenerationConfig(max_new_tokens=max_new_tokens, greedy=greedy, temperature=1.0 if temperature is None
-                              else temperature, top_k=top_k, top_p=top_p,
+    config = GenerationConfig(max_new_tokens=max_new_tokens, greedy=greedy,
+                              temperature=1.0 if temperature is None else temperature, top_k=top_k, top_p=top_p,
                               seed=secrets.randbits(32) if seed is None and not greedy else seed)
-    config.check()  # bad options fail before a model is loaded
+    config.check()
+    return config
+
+
+def _default_runtime(source: str, precision: str | None, variant: str | None) -> str:
+    """ort for an export folder or an ONNX Runtime variant, torch otherwise."""
+    from gptdeploy.export_folder import is_export_folder
+    from gptdeploy.precision import VARIANT_OF_PRECISION
 
     onnx_only = variant is not None or precision in VARIANT_OF_PRECISION
-    runtime = runtime or ("ort" if is_export_folder(source) or onnx_only else "torch")
-    start = time.perf_counter()
-    runner, tokenizer = open_runner(runtime, source, precision=precision, device=device,
-                                    session_config=SessionConfig(intra_op_threads=threads),
-                                    weights="random" if random else None, weights_seed=weights_seed, variant=variant)
-    load_s = time.perf_counter() - start
-    prompt_rows = prepare_prompts(tokenizer, prompts, runner.info.vocab_size, runner.info.block_size, max_new_tokens)
+    return "ort" if is_export_folder(source) or onnx_only else "torch"
 
-    streaming = len(prompts) == 1 and not json_output
-    text_stream = TextStream(tokenizer, skip_ids=[tokenizer.eot_id])
 
-    def write_token(_row: int, token: int) -> None:
-        sys.stdout.write(text_stream.push(token))
-        sys.stdout.flush()
-
-    if streaming:
-        sys.stdout.write(prompts[0] if isinstance(prompts[0], str) else tokenizer.decode(prompt_rows[0]))
-    result = run_generation(runner, tokenizer, prompt_rows, config, on_token=write_token if streaming else None)
-    texts = result.texts(tokenizer)
-    if json_output:
-        rows = [{"prompt": tokenizer.decode(ids), "prompt_ids": ids, "generated_ids": new, "text": text,
-                 "finish_reason": reason}
-                for ids, new, text, reason in zip(result.prompt_ids, result.new_ids, texts, result.finish_reasons)]
-        print(json.dumps({
-            "source": source, "runtime": runner.name, "runner": runner.describe(), "precision": runner.precision,
-            "generation": {"max_new_tokens": config.max_new_tokens, "greedy": config.is_greedy,
-                           "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
-                           "seed": config.seed},
-            "outputs": rows,
-            "timings": {"load_s": load_s, "prefill_s": result.prefill_s, "decode_s": result.decode_s,
-                        "decode_tokens_per_s": result.decode_tokens_per_s},
-        }, indent=2, ensure_ascii=False))
-        return
-    if streaming:
-        print(text_stream.finish())
-    else:
-        for i, (ids, text) in enumerate(zip(result.prompt_ids, texts)):
-            print(f"--- prompt {i} ---\n{tokenizer.decode(ids)}{text}")
+def _summary(result, runner) -> str:
     speed = f", {result.decode_tokens_per_s:.1f} tokens/s after the first" if result.decode_tokens_per_s else ""
-    print(f"{result.steps} tokens in {result.prefill_s + result.decode_s:.2f} s (first after "
-          f"{result.prefill_s:.3f} s{speed}) on {runner.describe()}", file=sys.stderr)
+    return (f"{result.steps} tokens in {result.prefill_s + result.decode_s:.2f} s (first after "
+            f"{result.prefill_s:.3f} s{speed}) on {runner.describe()}")
+
+
+def _generate_streaming(runner, tokenizer, prompt, config) -> None:
+    """The prompt, then the text as it comes, on stdout; the summary on stderr."""
+    from gptdeploy.app.generation import stream
+
+    pieces = stream(runner, tokenizer, prompt, config)
+    sys.stdout.write(prompt if isinstance(prompt, str) else tokenizer.decode(prompt))
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    print()
+    print(_summary(pieces.generation, runner), file=sys.stderr)
+
+
+def _generate_batch(runner, tokenizer, prompts, config) -> None:
+    from gptdeploy.app.generation import generate as run_generation
+
+    result = run_generation(runner, tokenizer, prompts, config)
+    for i, (ids, text) in enumerate(zip(result.prompt_ids, result.texts(tokenizer))):
+        print(f"--- prompt {i} ---\n{tokenizer.decode(ids)}{text}")
+    print(_summary(result, runner), file=sys.stderr)
+
+
+def _generate_json(source, runner, tokenizer, prompts, config, load_s: float) -> None:
+    import json
+
+    from gptdeploy.app.generation import generate as run_generation
+
+    result = run_generation(runner, tokenizer, prompts, config)
+    rows = [{"prompt": tokenizer.decode(ids), "prompt_ids": ids, "generated_ids": new, "text": text,
+             "finish_reason": reason}
+            for ids, new, text, reason in zip(result.prompt_ids, result.new_ids, result.texts(tokenizer),
+                                              result.finish_reasons)]
+    print(json.dumps({
+        "source": source, "runtime": runner.name, "runner": runner.describe(), "precision": runner.precision,
+        "generation": {"max_new_tokens": config.max_new_tokens, "greedy": config.is_greedy,
+                       "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
+                       "seed": config.seed},
+        "outputs": rows,
+        "timings": {"load_s": load_s, "prefill_s": result.prefill_s, "decode_s": result.decode_s,
+                    "decode_tokens_per_s": result.decode_tokens_per_s},
+    }, indent=2, ensure_ascii=False))
 
 
 @app.command()
@@ -336,10 +378,9 @@ def parity(
     """
     from dataclasses import replace
 
-    from gptdeploy.parity import (
-        DEFAULT_PROMPTS, parse_reference, parse_targets, print_report, read_prompts, run_parity,
-    )
-    from gptdeploy.parity_metrics import parse_tolerances
+    from gptdeploy.app.parity_report import print_report
+    from gptdeploy.app.parity_run import DEFAULT_PROMPTS, parse_reference, parse_targets, read_prompts, run_parity
+    from gptdeploy.compare import parse_tolerances
 
     targets = [replace(t, device=device) for t in parse_targets(runtimes, precision)]
     overrides = parse_tolerances(tol or [])
@@ -350,7 +391,7 @@ def parity(
     report = run_parity(source, targets, reference=parse_reference(reference), export=export,
                         prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS, steps=steps,
                         greedy_tokens=greedy_tokens, tolerances=overrides,
-                        weights="random" if random else None, weights_seed=seed)
+                        weights="random" if random else None, weights_seed=seed, progress=Progress())
     print_report(report)
     if json_file is not None:
         report.write_json(json_file)
@@ -400,8 +441,9 @@ def bench(
     Exit code 0 when every available runtime was measured (unavailable ones are listed with the
     reason), 1 when one failed, 2 for bad input.
     """
-    from gptdeploy.bench import FAILED, BenchSettings, expand_variants, run_bench, write_json
-    from gptdeploy.bench_report import RichProgress, print_report
+    from gptdeploy.app.bench import run_bench, write_json
+    from gptdeploy.app.bench_report import BenchProgress, print_report
+    from gptdeploy.app.bench_settings import FAILED, BenchSettings, expand_variants
 
     runtimes = expand_variants(tuple(r.strip() for r in runtime.split(",") if r.strip()), variant)
     settings = BenchSettings(
@@ -412,7 +454,7 @@ def bench(
     settings.check()
     if json_file is not None and not json_file.absolute().parent.is_dir():
         raise GptDeployError(f"--json {json_file}: the folder {json_file.absolute().parent} does not exist")
-    with RichProgress() as progress:
+    with BenchProgress() as progress:
         report = run_bench(settings, progress)
     print_report(report)
     if json_file is not None:

@@ -1,8 +1,9 @@
-"""The comparator's arithmetic: how far a runtime's outputs are from the reference's, in numpy only.
+"""The comparator: how far a runtime's outputs are from a reference's, and whether that is within tolerance.
 
-Everything here takes host arrays and knows nothing of runners or torch (Polygraphy's split: runners
-produce outputs, a comparator compares them). Logits come as [positions, vocab] rows, one row per
-real (non-padding) position; padding positions are dropped before they get here.
+One piece of code for every comparison gptdeploy makes: the validation of an export before it is
+written, the validation of an ONNX Runtime variant, and `gptdeploy parity`. It takes host arrays and
+knows nothing of runners or torch (Polygraphy's split: runners produce outputs, a comparator compares
+them). Logits come as [positions, vocab] rows, one row per real (non-padding) position.
 
 Metrics (their names are the keys of METRICS and of --tol):
   max_abs     max |test - ref| over the rows and the whole vocabulary
@@ -24,16 +25,23 @@ Metrics (their names are the keys of METRICS and of --tol):
               generated tokens that agree with the reference's before the first divergence
 top1, top5 and greedy look only at ids below the tokenizer's vocabulary size (nanoGPT pads the
 vocabulary to 50304; the extra ids are never generated); the other logit metrics at every id.
+
+Tolerances: one table per precision (TOLERANCES). A profile says which metrics a kind of comparison
+checks: `parity` all of them; `export` (the validation of an export or a variant before it is written)
+all but the fractions top1 and top5 and greedy generation, because its few positions of random
+token ids make a fraction of near ties meaningless (flip_lead still forbids a flip across a clear
+lead) and it generates nothing. docs/parity.md has the measurements behind every figure.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from gptdeploy.errors import GptDeployError
+from gptdeploy.precision import tolerance_key
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,10 @@ METRICS: dict[str, Metric] = {
         Metric("greedy", True, "greedy generation: smallest fraction of tokens that agree before the first "
                                "divergence, over the prompts"),
     ]
+}
+PROFILES = {
+    "parity": tuple(METRICS),
+    "export": ("max_abs", "mean_abs", "max_rel", "cosine", "flip_lead", "kv_max_abs", "nonfinite"),
 }
 
 
@@ -122,12 +134,29 @@ def cache_metrics(test: list[tuple[np.ndarray, np.ndarray]], ref: list[tuple[np.
     return {"kv_max_abs": float(np.max(diffs)), "nan": nan, "inf": inf}  # np.max: NaN if any is
 
 
+def step_metrics(test: list[np.ndarray], ref: list[np.ndarray], caches: list[dict], vocab_limit: int) -> dict:
+    """Every metric but greedy over several cases' rows of one step (or of every step) together:
+    test / ref, lists of [positions, vocab]; caches, their cache_metrics."""
+    metrics = logits_metrics(np.concatenate(test), np.concatenate(ref), vocab_limit)
+    metrics["kv_max_abs"] = worst([c["kv_max_abs"] for c in caches], higher_is_better=False)
+    metrics["nan"] += sum(c["nan"] for c in caches)
+    metrics["inf"] += sum(c["inf"] for c in caches)
+    metrics["nonfinite"] = metrics["nan"] + metrics["inf"]
+    return metrics
+
+
 def agreeing_prefix(test: list[int], ref: list[int]) -> int:
     """How many tokens agree before the first divergence."""
     for i, (a, b) in enumerate(zip(test, ref)):
         if a != b:
             return i
     return min(len(test), len(ref))
+
+
+def worst(values: list[float], higher_is_better: bool) -> float:
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return min(values) if higher_is_better else max(values)
 
 
 def _max(values: np.ndarray) -> float:
@@ -146,15 +175,14 @@ def _top_k(x: np.ndarray, k: int) -> np.ndarray:
 
 # --- tolerances ---
 
-# Defaults by precision; None: reported, not checked. How each was chosen, with the measurements
-# behind it, is in the README ("Parity"): a round figure some 3-10x beyond the worst value measured
-# on a trained model and on random ones (int4: on the trained and the tiny models). fp32 checks
-# absolute differences, like the export's validation (two fp32 runtimes differ by summation order
-# only). Reduced precisions check relative ones (their error scales with the logits, whose size
-# differs by model) and stay demanding on the top-1 token: it may differ only in near ties
-# (flip_lead), and rarely (top1). Their greedy generation diverges after the first near tie
-# resolved the other way, at no predictable token: reported, not checked.
-DEFAULT_TOLERANCES: dict[str, dict[str, float | None]] = {
+# One table per precision; None: reported, not checked. How each was chosen, with the measurements
+# behind it, is in docs/parity.md: a round figure some 3-10x beyond the worst value measured on a
+# trained model and on random ones. fp32 checks absolute differences (two fp32 runtimes differ by
+# summation order only). Reduced precisions check relative ones (their error scales with the logits,
+# whose size differs by model) and stay demanding on the top-1 token: it may differ only in near ties
+# (flip_lead), and rarely (top1). Their greedy generation diverges after the first near tie resolved
+# the other way, at no predictable token: reported, not checked.
+TOLERANCES: dict[str, dict[str, float | None]] = {
     "fp32": {"max_abs": 1e-4, "mean_abs": 1e-5, "max_rel": 1e-5, "cosine": 0.999999, "top1": 0.99,
              "flip_lead": 1e-5, "top5": 0.99, "kv_max_abs": 1e-4, "nonfinite": 0, "greedy": 1.0},
     "fp16": {"max_abs": None, "mean_abs": None, "max_rel": 1e-2, "cosine": 0.9999, "top1": 0.99,
@@ -166,23 +194,23 @@ DEFAULT_TOLERANCES: dict[str, dict[str, float | None]] = {
     "int4": {"max_abs": None, "mean_abs": None, "max_rel": 5e-1, "cosine": 0.98, "top1": 0.8,
              "flip_lead": 1e-1, "top5": 0.8, "kv_max_abs": None, "nonfinite": 0, "greedy": None},
 }
-# q4, fp32-fused: the names of ONNX Runtime variants (gptdeploy.export_folder.VARIANT_OF_PRECISION)
-PRECISION_ALIASES = {"q4": "int4", "fp32-fused": "fp32", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
-def default_tolerances(precision: str) -> dict[str, float | None]:
-    key = PRECISION_ALIASES.get(precision, precision)
-    if key not in DEFAULT_TOLERANCES:
-        raise GptDeployError(f"no default tolerances for precision {precision!r}; known: "
-                             f"{', '.join(DEFAULT_TOLERANCES)} (give every metric with --tol)")
-    return dict(DEFAULT_TOLERANCES[key])
+def tolerances_for(precision: str, profile: str = "parity") -> dict[str, float | None]:
+    """The table of `precision` (a gptdeploy.precision name), with the metrics `profile` does not check
+    set to None."""
+    key = tolerance_key(precision)
+    if key not in TOLERANCES:
+        raise GptDeployError(f"no tolerances for precision {precision!r}; known: {', '.join(TOLERANCES)} "
+                             f"(give every metric with --tol)")
+    checked = PROFILES[profile]
+    return {name: value if name in checked else None for name, value in TOLERANCES[key].items()}
 
 
 def looser_precision(a: str, b: str) -> str:
-    """Of two precisions, the one whose default tolerances are the looser (the order of DEFAULT_TOLERANCES)."""
-    order = list(DEFAULT_TOLERANCES)
-    rank = {p: order.index(PRECISION_ALIASES.get(p, p)) if PRECISION_ALIASES.get(p, p) in order else len(order)
-            for p in (a, b)}
+    """Of two precisions, the one whose tolerances are the looser (the order of TOLERANCES)."""
+    order = list(TOLERANCES)
+    rank = {p: order.index(tolerance_key(p)) if tolerance_key(p) in order else len(order) for p in (a, b)}
     return a if rank[a] >= rank[b] else b
 
 
@@ -240,3 +268,48 @@ def _round_up(x: float) -> float:
     while rounded < x:  # float rounding in the line above
         rounded = float(f"{rounded + step:.2g}")
     return rounded
+
+
+# --- checks ---
+
+
+@dataclass
+class Check:
+    """One metric against its tolerance, over every step of a comparison."""
+
+    metric: str
+    value: float  # over every step's positions together (for the max and min metrics: the worst step)
+    tolerance: float | None  # None: reported, not checked
+    passed: bool
+    failing_steps: list[str] = field(default_factory=list)
+    passing_tolerance: float | None = None  # what would have passed (None: nothing would, the value is NaN)
+    steps_checked: int = 1  # how many steps the metric was checked at (1: greedy generation)
+
+    def describe(self) -> str:
+        """'max_abs 3.2e-03 > 1e-04 at prefill, decode 1 (passes with --tol max_abs=0.0033)'"""
+        op = "<" if METRICS[self.metric].higher_is_better else ">"
+        if not self.failing_steps:
+            where = ""
+        elif len(self.failing_steps) == self.steps_checked > 1:
+            where = " at every step"
+        else:
+            where = f" at {', '.join(self.failing_steps)}"
+        fix = ("no tolerance passes a NaN" if self.passing_tolerance is None
+               else f"passes with --tol {self.metric}={self.passing_tolerance}")
+        if METRICS[self.metric].higher_is_better and math.isfinite(self.value):  # a fraction, as --tol takes it
+            value = f"{math.floor(self.value * 1e6) / 1e6:g}"
+        else:
+            value = f"{self.value:.3g}"
+        return f"{self.metric} {value} {op} {format_tolerance(self.tolerance)}{where} ({fix})"
+
+
+def check(metric: str, value: float, tolerance: float | None, per_step: dict[str, float] | None = None) -> Check:
+    """`value` of `metric` against `tolerance`; per_step (step label -> value) names the steps that miss it."""
+    per_step = per_step or {}
+    failing = [step for step, v in per_step.items() if not passes(metric, v, tolerance)]
+    return Check(metric, value, tolerance, passes(metric, value, tolerance), failing, passing_tolerance(metric, value),
+                 max(len(per_step), 1))
+
+
+def format_tolerance(tolerance: float | None) -> str:
+    return "-" if tolerance is None else f"{tolerance:.6g}"
