@@ -12,3 +12,7 @@ class EngineUnusable(GptDeployError):
     def __init__(self, engine: str, message: str):
         super().__init__(message)
         self.engine = engine
+
+
+class WeightsUnavailable(GptDeployError):
+    """A preset's trained weights are neither in the local Hugging Face cache nor downloadable now."""

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from gptdeploy.errors import GptDeployError
+from gptdeploy.errors import GptDeployError, WeightsUnavailable
 from gptdeploy.model import GPT, GPTConfig
 from gptdeploy.presets import PRESETS
+from gptdeploy.progress import QUIET, Progress
 from gptdeploy.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -61,6 +62,7 @@ def load(
     seed: int = 0,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    progress: Progress = QUIET,
 ) -> LoadedModel:
     """Loads a reference GPT in eval mode.
 
@@ -70,6 +72,9 @@ def load(
         training script (the architecture in its metadata).
     weights: None for the source's own weights; "random" for the preset's architecture with
         GPT-2's initialisation from `seed`.
+    progress: where a download from the Hub says what it fetches.
+    Raises GptDeployError for a bad source; WeightsUnavailable (a GptDeployError) when a preset's weights
+    are neither in the local Hugging Face cache nor downloadable.
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -87,7 +92,7 @@ def load(
     elif source_str in PRESETS and PRESETS[source_str].packaged_file:
         loaded = _load_packaged(source_str)
     elif source_str in PRESETS:
-        loaded = _load_hub(source_str)
+        loaded = _load_hub(source_str, progress)
     else:
         raise GptDeployError(_unknown_source_message(source_str))
     loaded.model.to(device=device, dtype=dtype).eval()
@@ -173,35 +178,55 @@ def _load_gptdeploy_safetensors(path: Path, source: str, origin: str) -> LoadedM
     return LoadedModel(model, config, BPETokenizer(), source, origin, [path])
 
 
-def _load_hub(name: str) -> LoadedModel:
+def _load_hub(name: str, progress: Progress) -> LoadedModel:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     repo = PRESETS[name].hub_repo
     if repo is None:
         raise GptDeployError(f"preset {name!r} has no pretrained weights; load it with weights='random' (--random)")
     try:
-        config_path, weights_path = _hub_files(repo, ["config.json", "model.safetensors"])
+        config_path, weights_path = _hub_files(repo, ["config.json", "model.safetensors"], progress)
     except LocalEntryNotFoundError:
-        raise GptDeployError(
+        raise WeightsUnavailable(
             f"cannot download {name} from the Hugging Face Hub ({repo}) and it is not in the local cache; "
-            f"connect once to cache it, pass a local folder or checkpoint, or use random weights (--random)"
+            f"connect once to cache it, pass a local folder or checkpoint, use random weights (--random), or try "
+            f"the shakespeare preset, which ships with gptdeploy and works offline"
         ) from None
     except Exception as e:  # network errors, gated repos, bad tokens: one line, not a traceback
-        raise GptDeployError(f"cannot download {name} from the Hugging Face Hub ({repo}): {e}") from None
+        raise WeightsUnavailable(f"cannot download {name} from the Hugging Face Hub ({repo}): "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return _load_hf_folder(Path(weights_path).parent, name, origin=f"Hugging Face Hub {repo}",
                            config_path=Path(config_path), weights_path=Path(weights_path))
 
 
-def _hub_files(repo: str, filenames: list[str]) -> list[str]:
-    """Paths of `filenames` in the local Hugging Face cache, downloading them when not cached."""
-    from huggingface_hub import hf_hub_download
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _hub_files(repo: str, filenames: list[str], progress: Progress) -> list[str]:
+    """Paths of `filenames` in the local Hugging Face cache, downloading them when not cached.
+
+    Before downloading, one request with a short timeout asks whether the Hub answers at all: without a
+    network, huggingface_hub's own retries take half a minute to give up.
+    """
+    import os
+
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import get_session
     from huggingface_hub.utils import logging as hub_logging
 
     try:
         return [hf_hub_download(repo, f, local_files_only=True) for f in filenames]
     except LocalEntryNotFoundError:
         pass
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise LocalEntryNotFoundError("HF_HUB_OFFLINE is set")
+    progress.note(f"Downloading {', '.join(filenames)} of {repo} from the Hugging Face Hub ({constants.ENDPOINT}) "
+                  f"into its cache")
+    try:
+        get_session().head(f"{constants.ENDPOINT}/api/models/{repo}", timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - unreachable, whatever the transport says: the same one line
+        raise LocalEntryNotFoundError(f"{constants.ENDPOINT} does not answer") from None
     verbosity = hub_logging.get_verbosity()
     hub_logging.set_verbosity_error()  # its retry warnings would bury our one-line error
     try:

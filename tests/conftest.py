@@ -97,37 +97,86 @@ def lively():
     return lively_tiny()
 
 
-def _export(loaded, folder):
+def _export(loaded, folder, precision="fp32"):
     from gptdeploy.app.exporting import export_model
 
-    return export_model(loaded, folder).path
+    return export_model(loaded, folder, precision=precision)
+
+
+# Exports are the suite's most expensive step (some 10 CPU-seconds each, mostly torch.export's tracing):
+# each is made once per session, here, and tests that change one work on a copy.
 
 
 @pytest.fixture(scope="session")
 def lively_export_path(lively, tmp_path_factory):
     """`lively` exported to ONNX (fp32)."""
-    return _export(lively, tmp_path_factory.mktemp("export") / "lively")
+    return _export(lively, tmp_path_factory.mktemp("export") / "lively").path
 
 
 @pytest.fixture(scope="session")
-def lively_export_fp16_path(lively, tmp_path_factory):
-    """`lively` exported to ONNX in fp16."""
-    from gptdeploy.app.exporting import export_model
-
-    return export_model(lively, tmp_path_factory.mktemp("export") / "lively-fp16", precision="fp16").path
-
-
-@pytest.fixture(scope="session")
-def tiny_export_path(tmp_path_factory):
-    """The tiny preset with random weights (seed 0) exported to ONNX (fp32)."""
+def tiny():
+    """The tiny preset with random weights (seed 0)."""
     from gptdeploy.loading import load
 
-    return _export(load("tiny", weights="random", seed=0), tmp_path_factory.mktemp("export") / "tiny")
+    return load("tiny", weights="random", seed=0)
 
 
 @pytest.fixture(scope="session")
-def hf_export_path(hf_folder, tmp_path_factory):
-    """The transformers-made `hf_folder` exported to ONNX (fp32)."""
+def tiny_export(tiny, tmp_path_factory):
+    """`tiny` exported to ONNX (fp32): the ExportResult."""
+    return _export(tiny, tmp_path_factory.mktemp("export") / "tiny-onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_export_path(tiny_export):
+    return tiny_export.path
+
+
+@pytest.fixture(scope="session")
+def tiny_export_fp16(tiny, tmp_path_factory):
+    """`tiny` exported to ONNX in fp16: the ExportResult."""
+    return _export(tiny, tmp_path_factory.mktemp("export") / "tiny-onnx-fp16", precision="fp16")
+
+
+@pytest.fixture(scope="session")
+def tiny_export_fp16_path(tiny_export_fp16):
+    return tiny_export_fp16.path
+
+
+@pytest.fixture(scope="session")
+def hf_export(hf_folder, tmp_path_factory):
+    """The transformers-made `hf_folder` exported to ONNX (fp32): the ExportResult."""
     from gptdeploy.loading import load
 
-    return _export(load(hf_folder), tmp_path_factory.mktemp("export") / "hf")
+    return _export(load(hf_folder), tmp_path_factory.mktemp("export") / "hf-onnx")
+
+
+@pytest.fixture(scope="session")
+def hf_export_path(hf_export):
+    return hf_export.path
+
+
+@pytest.fixture(scope="session")
+def shakespeare():
+    """The trained preset shipped in the package."""
+    from gptdeploy.loading import load
+
+    return load("shakespeare")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_export_path(shakespeare, tmp_path_factory):
+    return _export(shakespeare, tmp_path_factory.mktemp("export") / "shakespeare").path
+
+
+@pytest.fixture
+def seeded_cache(tiny, tiny_export_path, tmp_path, monkeypatch):
+    """An export cache (GPTDEPLOY_CACHE) that already holds `tiny`'s fp32 export, as after an earlier run."""
+    import shutil
+
+    from gptdeploy.app.export_cache import ExportCache
+
+    cache = ExportCache(tmp_path / "cache")
+    shutil.copytree(tiny_export_path, cache.path(tiny, "fp32"))
+    monkeypatch.setenv("GPTDEPLOY_CACHE", str(cache.root))
+    return cache

@@ -1,13 +1,47 @@
-"""The CLI as a user meets it: a real subprocess, its stdout, stderr and exit code."""
+"""The CLI as a user meets it: a process of its own, its stdout, stderr and exit code."""
 
+import atexit
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+_server: subprocess.Popen | None = None
 
-def gptdeploy(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "gptdeploy", *args], capture_output=True, text=True, env=env)
+
+def _fork_server() -> subprocess.Popen:
+    """tests/cli_forkserver.py, started on first use: it forks a process per command."""
+    global _server
+    if _server is None or _server.poll() is not None:
+        _server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_forkserver.py"))],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        atexit.register(_stop, _server)
+    return _server
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """Ends the server and waits for it, so that its CPU time (and its children's) counts in this process's."""
+    server.stdin.close()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def gptdeploy(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """`python -m gptdeploy ARGS`, in a process of its own (forked by tests/cli_forkserver.py, which has the
+    heavy libraries imported already), with `env` (default: this process's) and `cwd`."""
+    server = _fork_server()
+    request = {"args": [str(a) for a in args], "env": dict(os.environ if env is None else env),
+               "cwd": str(cwd or os.getcwd())}
+    server.stdin.write(json.dumps(request) + "\n")
+    server.stdin.flush()
+    answer = json.loads(server.stdout.readline())
+    return subprocess.CompletedProcess(["gptdeploy", *args], answer["returncode"], answer["stdout"], answer["stderr"])
 
 
 def assert_one_line_error(result, fragment):

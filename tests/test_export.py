@@ -37,26 +37,6 @@ PLAIN_SCRIPT = Path(__file__).with_name("plain_ort_decode.py")
 DECODE_STEPS = 3
 
 
-@pytest.fixture(scope="session")
-def tiny():
-    return gptdeploy.load("tiny", weights="random", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_export(tiny, tmp_path_factory):
-    return export_model(tiny, tmp_path_factory.mktemp("export") / "tiny-onnx")
-
-
-@pytest.fixture(scope="session")
-def tiny_export_fp16(tiny, tmp_path_factory):
-    return export_model(tiny, tmp_path_factory.mktemp("export") / "tiny-onnx-fp16", precision="fp16")
-
-
-@pytest.fixture(scope="session")
-def hf_export(hf_folder, tmp_path_factory):
-    return export_model(gptdeploy.load(hf_folder), tmp_path_factory.mktemp("export") / "hf-onnx")
-
-
 def left_padded_prompts(vocab: int, lengths=(7, 4), seed=5):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (len(lengths), max(lengths)), generator=gen)
@@ -380,16 +360,13 @@ def test_interrupted_export_leaves_no_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_force_replaces_an_export_and_keeps_it_otherwise(tiny, tiny_export, tmp_path):
+def test_an_export_is_kept_without_force(tiny, tiny_export, tmp_path):
     out = tmp_path / "tiny-onnx"
     shutil.copytree(tiny_export.path, out)
-    (out / "stale.txt").write_text("from an older export")
     with pytest.raises(GptDeployError, match="already exists; pass --force"):
         export_model(tiny, out)
-    assert (out / "stale.txt").exists()
-    export_model(tiny, out, force=True)
-    assert not (out / "stale.txt").exists() and (out / "gptdeploy.json").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny-onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-onnx"]
+    assert read_export(out).manifest == tiny_export.manifest  # replacing it: the CLI --force test below
 
 
 def test_force_does_not_replace_a_folder_that_is_no_export(tiny, tmp_path):
@@ -458,11 +435,14 @@ def test_default_out_dir(tmp_path):
 
 # --- the command line ------------------------------------------------------------------------------
 
-def test_cli_export_replaces_with_force_and_reports(tiny_export, tmp_path):
+def test_cli_export_replaces_with_force_optimizes_and_reports(tiny_export, tmp_path):
     out = tmp_path / "tiny-onnx"
     shutil.copytree(tiny_export.path, out)
-    result = run_cli("export", "tiny", "--random", "--out", str(out), "--force")
+    result = run_cli("export", "tiny", "--random", "--out", str(out), "--force", "--optimize", "--variants", "int8")
     assert result.returncode == 0, result.stderr
+    assert read_export(out).manifest["created"] >= tiny_export.manifest["created"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-onnx"], "the replaced export or a temporary left"
+    assert list(read_export(out).variants) == ["int8"] and "int8: wrote onnx/model_int8.onnx" in result.stdout
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith(f"Wrote {out}/ (") and "onnx/model.onnx" in lines[0] and "MB)" in lines[0]
     assert "max |logits diff|" in lines[1] and "top-1 agreement 100.0%" in lines[1] and "checks passed" in lines[1]

@@ -201,8 +201,27 @@ def test_random_weights_need_a_preset(hf_folder):
 def test_offline_hub_without_cache_names_alternatives(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(GptDeployError, match="local folder or checkpoint, or use random weights"):
+    with pytest.raises(GptDeployError, match="local folder or checkpoint, use random weights .*shakespeare preset"):
         gptdeploy.load("gpt2")
+
+
+def test_an_unreachable_hub_fails_within_seconds(tmp_path):
+    """No HF_HUB_OFFLINE, but nothing answers: say what is fetched at once, then one error line, fast."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    env.pop("HF_HUB_OFFLINE", None)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "gptdeploy", "info", "gpt2"], capture_output=True, text=True,
+                            env=env)
+    assert time.monotonic() - start < 15
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("Downloading config.json, model.safetensors of openai-community/gpt2")
+    assert lines[-1].startswith("gptdeploy: error: cannot download gpt2") and "shakespeare" in lines[-1]
 
 
 def test_preset_without_pretrained_weights():

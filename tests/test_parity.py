@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gptdeploy.errors import GptDeployError
-from gptdeploy.app.parity_run import Target, run_parity
+from gptdeploy.app.parity_run import Target
 from gptdeploy.compare import (
     METRICS, TOLERANCES, agreeing_prefix, cache_metrics, logits_metrics, looser_precision, parse_tolerances, passes,
     passing_tolerance,
@@ -189,15 +189,6 @@ def _rows():
 
 
 @pytest.fixture(scope="session")
-def tiny_export_fp16_path(tmp_path_factory):
-    from gptdeploy.app.exporting import export_model
-    from gptdeploy.loading import load
-
-    return export_model(load("tiny", weights="random", seed=0), tmp_path_factory.mktemp("export") / "tiny-fp16",
-                       precision="fp16").path
-
-
-@pytest.fixture(scope="session")
 def tiny_variants_path(tiny_export_path, tmp_path_factory):
     """A copy of the tiny export with its ONNX Runtime variants (gptdeploy optimize)."""
     from gptdeploy.app.exporting import optimize_export
@@ -207,14 +198,30 @@ def tiny_variants_path(tiny_export_path, tmp_path_factory):
     return optimize_export(folder, sorted(VARIANT_PRECISIONS)).folder.path
 
 
+@pytest.fixture(scope="module")
+def reference_record(tiny):
+    """torch fp32 on `tiny`, recorded once for every row (gptdeploy parity records it once per run too)."""
+    from gptdeploy.app.parity import record_reference
+    from gptdeploy.runtimes.torch_runner import TorchRunner
+
+    return record_reference(TorchRunner(tiny.model), tiny.tokenizer, PROMPTS, steps=QUICK["steps"],
+                            greedy_tokens=QUICK["greedy_tokens"])
+
+
 @pytest.mark.parametrize("target", _rows())
-def test_runtime_matches_the_reference(target, request):
-    """Each row against torch fp32 with the default tolerances of its precision."""
+def test_runtime_matches_the_reference(target, request, reference_record):
+    """Each row against torch fp32 with the tolerances of its precision."""
+    from gptdeploy.app.parity import compare
+    from gptdeploy.app.sources import open_runner
+
     fixture = {"fp32": "tiny_export_path", "fp16": "tiny_export_fp16_path"}.get(
         target.precision, "tiny_variants_path" if target.precision in VARIANT_PRECISIONS else None)
-    export = request.getfixturevalue(fixture) if fixture else None
-    report = run_parity("tiny", [target], export=export, **QUICK)
-    (result,) = report.results
+    runs_export = RUNTIMES[target.runtime].runs != "checkpoint"
+    where = request.getfixturevalue(fixture) if fixture and runs_export else "tiny"
+    runner, _ = open_runner(target.runtime, where, precision=target.precision, device=target.device,
+                            weights="random")
+    with runner:
+        result = compare(runner, reference_record)
     assert result.runtime == target.runtime
     assert target.precision in (result.precision, result.variant)
     assert result.passed, "; ".join(c.describe() for c in result.failures)

@@ -99,9 +99,9 @@ def test_ort_steps_match_torch_logits_and_cache(lively, lively_export_path):
     assert last.shape == (2, 1, 50257) and np.array_equal(last, full[:, -1:])
 
 
-def test_fp16_export_runs_with_a_float16_cache(lively, lively_export_fp16_path):
+def test_fp16_export_runs_with_a_float16_cache(tiny, tiny_export_fp16_path):
     """fp16 graphs: past and present float16, logits float32; close to the fp32 reference."""
-    runner, reference = OrtRunner(lively_export_fp16_path), TorchRunner(lively.model)
+    runner, reference = OrtRunner(tiny_export_fp16_path), TorchRunner(tiny.model)
     assert runner.precision == "fp16"
     ids, mask, positions = np.array([[15496, 995, 11]]), np.ones((1, 3)), np.array([[0, 1, 2]])
     logits, cache = runner.step(ids, mask, positions, runner.new_cache(1))
@@ -203,7 +203,7 @@ def test_open_runner_sources(lively_export_path, tmp_path):
 
 
 def test_checkpoint_is_exported_once_into_the_cache(tmp_path, monkeypatch, tiny_export_path):
-    """An entry for the same weights and precision is reused; a broken one is exported again."""
+    """An entry for the same weights and precision is reused (a broken one: the next test)."""
     import shutil
 
     from gptdeploy.app.export_cache import ExportCache
@@ -218,11 +218,6 @@ def test_checkpoint_is_exported_once_into_the_cache(tmp_path, monkeypatch, tiny_
     created = read_export(entry).manifest["created"]
     runner, _ = open_runner("ort", "tiny", weights="random")
     assert runner.folder.path == entry and read_export(entry).manifest["created"] == created
-
-    shutil.rmtree(entry)
-    (entry / "onnx").mkdir(parents=True)  # an export that died half-way
-    runner, _ = open_runner("ort", "tiny", weights="random")
-    assert runner.folder.path == entry and read_export(entry).manifest["source"]["sha256"] == loaded.fingerprint
     tok = BPETokenizer()
     assert generate(runner, tok, PROMPTS, GREEDY).new_ids == generate(OrtRunner(tiny_export_path), tok, PROMPTS, GREEDY).new_ids
 
@@ -311,13 +306,18 @@ def test_generate_streams_text_to_stdout(lively_export_path):
     assert again.stdout == result.stdout
 
 
-def test_generate_exports_a_preset_into_the_cache(tmp_path):
+def test_generate_exports_a_preset_into_the_cache(tmp_path, tiny):
+    """Into a cache whose entry for these weights died half-way: exported again, then reused."""
+    from gptdeploy.app.export_cache import ExportCache
+
     env = {**os.environ, "GPTDEPLOY_CACHE": str(tmp_path)}
+    entry = ExportCache(tmp_path).path(tiny, "fp32")
+    (entry / "onnx").mkdir(parents=True)  # an export that died half-way
     args = ["generate", "tiny", "--random", "--runtime", "ort", "--prompt", "Hi", "--greedy", "--json"]
     first = gptdeploy(*args, env=env)
     assert first.returncode == 0, first.stderr
     exports = list((tmp_path / "exports").iterdir())
-    assert len(exports) == 1 and exports[0].name.endswith("-fp32")
+    assert exports == [entry] and read_export(entry).manifest["source"]["sha256"] == tiny.fingerprint
     second = gptdeploy(*args, env=env)
     assert json.loads(second.stdout)["outputs"] == json.loads(first.stdout)["outputs"]
     assert list((tmp_path / "exports").iterdir()) == exports

@@ -61,20 +61,13 @@ def runner_logits(runner):
 
 
 @pytest.fixture(scope="module")
-def shakespeare():
-    return gptdeploy.load("shakespeare")
-
-
-@pytest.fixture(scope="module")
 def val_ids():
     return BPETokenizer().encode(VAL_SLICE.read_text(encoding="utf-8"), allow_special=False)
 
 
 @pytest.fixture(scope="module")
-def shakespeare_export(shakespeare, tmp_path_factory):
-    from gptdeploy.app.exporting import export_model
-
-    return export_model(shakespeare, tmp_path_factory.mktemp("export") / "shakespeare").path
+def shakespeare_export(shakespeare_export_path):
+    return shakespeare_export_path
 
 
 def test_loads_from_the_package(shakespeare):

@@ -67,7 +67,7 @@ def export(
     if trt:
         import_tensorrt()  # what is missing, said before the export, not after it
     progress = Progress()
-    loaded = load(source, weights="random" if random else None, seed=seed)
+    loaded = load(source, weights="random" if random else None, seed=seed, progress=progress)
     result = export_model(loaded, out, precision=precision, opset=opset, force=force, progress=progress)
     _print_export(source, out, result)
     if optimize:
@@ -196,7 +196,7 @@ def info(source: SourceArg, random: RandomOpt = False, seed: SeedOpt = 0):
 
     from gptdeploy.loading import load
 
-    loaded = load(source, weights="random" if random else None, seed=seed)
+    loaded = load(source, weights="random" if random else None, seed=seed, progress=Progress())
     cfg = loaded.config
     table = Table(title=f"{source}", show_header=False)
     table.add_column("field", style="bold")
