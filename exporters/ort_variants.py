@@ -241,33 +241,40 @@ def _group_query_attention(model, n_head: int) -> int:
     batch = ir.node("Shape", [inputs["input_ids"]], {"start": 0, "end": 1})
     seqlens_k = ir.node("Expand", [last.outputs[0], batch.outputs[0]])
     graph.insert_before(next(iter(graph)), [total_64, total_32, total, last, batch, seqlens_k])
-    attentions = _fused_attentions(model)
-    for node, qkv, _split, (past_k, past_v), presents in attentions:
-        bias = node.inputs[5]
-        gqa = ir.node("GroupQueryAttention",
-                      [qkv, None, None, past_k, past_v, seqlens_k.outputs[0], total.outputs[0], None, None, None, bias],
-                      {"num_heads": n_head, "kv_num_heads": n_head}, domain=MS_DOMAIN, num_outputs=3)
-        graph.insert_before(node, gqa)
-        ir.convenience.replace_all_uses_with(node.outputs[0], gqa.outputs[0])
-        _replace_presents(graph, presents, gqa.outputs[1:])
-        graph.remove(node, safe=True)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
-    return len(attentions)
+
+    def gqa(node, qkv, _split, past_k, past_v):
+        inputs = [qkv, None, None, past_k, past_v, seqlens_k.outputs[0], total.outputs[0], None, None, None,
+                  node.inputs[5]]
+        return ir.node("GroupQueryAttention", inputs, {"num_heads": n_head, "kv_num_heads": n_head}, domain=MS_DOMAIN,
+                       num_outputs=3)
+
+    return _replace_attentions(model, gqa)
 
 
 def _attention_with_past(model, n_head: int) -> int:
     """Each fused attention -> MultiHeadAttention that takes the past and returns the present itself."""
     import onnx_ir as ir
 
+    def mha(node, _qkv, split, past_k, past_v):
+        query, key, value = split.outputs
+        return ir.node("MultiHeadAttention", [query, key, value, None, None, node.inputs[5], past_k, past_v],
+                       {"num_heads": n_head}, domain=MS_DOMAIN, num_outputs=3)
+
+    return _replace_attentions(model, mha)
+
+
+def _replace_attentions(model, make) -> int:
+    """Each fused attention -> make(node, packed qkv, its Split, past key, past value): a node whose outputs
+    are the attention's output and the present key and value, which become the graph's present outputs."""
+    import onnx_ir as ir
+
     graph = model.graph
     attentions = _fused_attentions(model)
-    for node, _qkv, split, (past_k, past_v), presents in attentions:
-        query, key, value = split.outputs
-        mha = ir.node("MultiHeadAttention", [query, key, value, None, None, node.inputs[5], past_k, past_v],
-                      {"num_heads": n_head}, domain=MS_DOMAIN, num_outputs=3)
-        graph.insert_before(node, mha)
-        ir.convenience.replace_all_uses_with(node.outputs[0], mha.outputs[0])
-        _replace_presents(graph, presents, mha.outputs[1:])
+    for node, qkv, split, (past_k, past_v), presents in attentions:
+        new = make(node, qkv, split, past_k, past_v)
+        graph.insert_before(node, new)
+        ir.convenience.replace_all_uses_with(node.outputs[0], new.outputs[0])
+        _replace_presents(graph, presents, new.outputs[1:])
         graph.remove(node, safe=True)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return len(attentions)

@@ -68,7 +68,9 @@ def test_stop_at_end_of_text_per_row(runner, tok):
     """Each row stops at its own first end-of-text (here an id the model emits, standing in for it)."""
     full = generate(runner, tok, PROMPTS, GREEDY).new_ids
     stop_id = full[0][5]
-    result = generate(runner, tok, PROMPTS, GREEDY, eot_id=stop_id)
+    stopping = BPETokenizer()
+    stopping.eot_id = stop_id  # a tokenizer whose end-of-text is that id
+    result = generate(runner, stopping, PROMPTS, GREEDY)
     for row, ids in enumerate(full):
         if stop_id in ids:
             cut = ids.index(stop_id) + 1
@@ -77,7 +79,7 @@ def test_stop_at_end_of_text_per_row(runner, tok):
             assert result.new_ids[row] == ids and result.finish_reasons[row] == "length"
     assert result.finish_reasons[0] == "eot" and len(result.new_ids[0]) == full[0].index(stop_id) + 1
     no_stop = GenerationConfig(max_new_tokens=32, greedy=True, stop_at_eot=False)
-    assert generate(runner, tok, PROMPTS, no_stop, eot_id=stop_id).new_ids == full
+    assert generate(runner, stopping, PROMPTS, no_stop).new_ids == full
 
 
 def test_end_of_text_is_not_in_the_text(runner, tok):

@@ -161,10 +161,10 @@ def _request(runner, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]
     return prepare_prompts(tokenizer, prompts, runner.info.vocab_size, runner.info.block_size, config.max_new_tokens)
 
 
-def _run(runner, tokenizer: Tokenizer, rows: list[list[int]], config: GenerationConfig,
-         eot_id: int | None) -> Iterator[tuple[int, int] | Generation]:
+def _run(runner, tokenizer: Tokenizer, rows: list[list[int]],
+         config: GenerationConfig) -> Iterator[tuple[int, int] | Generation]:
     """The one generation loop: yields (row, token id) as tokens come, then the Generation."""
-    eot_id = tokenizer.eot_id if eot_id is None else eot_id
+    eot_id = tokenizer.eot_id
     new_ids: list[list[int]] = [[] for _ in rows]
     times = []
     steps = _tokens(runner, rows, config, tokenizer.vocab_size, eot_id)
@@ -183,14 +183,13 @@ def _run(runner, tokenizer: Tokenizer, rows: list[list[int]], config: Generation
 
 
 def generate(runner, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
-             config: GenerationConfig = GenerationConfig(), *, on_token: Callable[[int, int], None] | None = None,
-             eot_id: int | None = None) -> Generation:
-    """Generates from each prompt (text, or token ids) on `runner`.
+             config: GenerationConfig = GenerationConfig(), *,
+             on_token: Callable[[int, int], None] | None = None) -> Generation:
+    """Generates from each prompt (text, or token ids) on `runner`; a row stops at the tokenizer's end-of-text.
 
     on_token(row, token_id) is called for every token as it comes (streaming).
-    eot_id: the id that stops a row; the tokenizer's end-of-text by default.
     """
-    for event in _run(runner, tokenizer, _request(runner, tokenizer, prompts, config), config, eot_id):
+    for event in _run(runner, tokenizer, _request(runner, tokenizer, prompts, config), config):
         if isinstance(event, Generation):
             return event
         if on_token is not None:
@@ -228,7 +227,7 @@ class Stream:
     """
 
     def __init__(self, runner, tokenizer: Tokenizer, prompt: str | Sequence[int], config: GenerationConfig):
-        self._events = _run(runner, tokenizer, _request(runner, tokenizer, [prompt], config), config, None)
+        self._events = _run(runner, tokenizer, _request(runner, tokenizer, [prompt], config), config)
         self._text = TextStream(tokenizer, skip_ids=[tokenizer.eot_id])
         self.generation: Generation | None = None
 
