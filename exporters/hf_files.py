@@ -8,7 +8,7 @@ shape and special tokens from these, with the keys of transformers' GPT2Config.
 from __future__ import annotations
 
 from gptdeploy.loading import HF_ACTIVATIONS
-from gptdeploy.model import GPTConfig
+from gptdeploy.config import GPTConfig
 from gptdeploy.tokenizer import ENDOFTEXT, Tokenizer
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16"}

@@ -42,6 +42,17 @@ def cuda_device_count() -> int:
     return 0
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the system can give a new allocation without swapping (Linux MemAvailable); None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 

@@ -25,8 +25,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 CHUNK = 1 << 24
-# Hidden names of work in progress: .NAME.<random>.partial (being written), .NAME.<random>.old (replaced)
+# Hidden names of work in progress: .NAME.<pid>-<random>.partial (being written), .NAME.<pid>-<random>.old
+# (replaced); the pid says whether the process that wrote it still runs.
 PARTIAL, OLD = ".partial", ".old"
+STAGING_MARK = ".gptdeploy-staging"  # inside a staging folder until it is moved into place
 
 
 def sha256_file(path: str | Path) -> str:
@@ -69,10 +71,12 @@ def write_atomic(path: str | Path, data: bytes | str | Iterable[bytes], mode: in
 
 
 def new_staging_folder(dest: Path) -> Path:
-    """An empty hidden folder beside `dest` (.NAME.<random>.partial), readable as a new folder would be."""
+    """An empty hidden folder beside `dest` (.NAME.<pid>-<random>.partial), readable as a new folder would be,
+    marked as gptdeploy's (STAGING_MARK) until replace_folder moves it into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(dest.name), suffix=PARTIAL, dir=dest.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the result from other users
+    (tmp / STAGING_MARK).touch()
     return tmp
 
 
@@ -109,25 +113,51 @@ def _exchange(a: Path, b: Path) -> bool:
 def replace_folder(tmp: Path, dest: Path) -> None:
     """Puts the complete folder `tmp` at `dest`, replacing what is there; `dest` always holds one of the two.
 
-    The replaced folder is removed afterwards; if that is interrupted it stays as a hidden .old
-    leftover, which `remove_leftovers` clears.
+    Ctrl-C and SIGTERM wait until the replacement is done. SIGKILL cannot wait: then `dest` still holds
+    the old folder or the new one, complete, and a hidden leftover, which `remove_leftovers` clears.
     """
-    if not dest.exists():
-        os.replace(tmp, dest)
-        return
-    old = dest.parent / f"{_prefix(dest.name)}{os.urandom(4).hex()}{OLD}"
-    if _exchange(tmp, dest):
-        os.replace(tmp, old)  # tmp now holds the replaced folder
-    else:
-        # Two renames. Between them `dest` is missing for an instant; an interruption there leaves the
-        # replaced folder at `old`, which remove_leftovers puts back while `dest` is missing.
-        os.replace(dest, old)
-        try:
+    with deferred_signals():
+        (tmp / STAGING_MARK).unlink(missing_ok=True)
+        if not dest.exists():
             os.replace(tmp, dest)
-        except BaseException:
-            os.replace(old, dest)
-            raise
-    shutil.rmtree(old, ignore_errors=True)
+            return
+        old = dest.parent / f"{_prefix(dest.name)}{os.urandom(4).hex()}{OLD}"
+        if _exchange(tmp, dest):
+            os.replace(tmp, old)  # tmp now holds the replaced folder
+        else:
+            # Two renames. Between them `dest` is missing for an instant; a SIGKILL there leaves the
+            # replaced folder at `old`, which remove_leftovers puts back while `dest` is missing.
+            os.replace(dest, old)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                os.replace(old, dest)
+                raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM received in the block take effect when it ends, not inside it.
+
+    Python runs signal handlers in the main thread only, so elsewhere this defers nothing.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            signal.raise_signal(received[0])  # the handler the caller had, now
 
 
 def remove_leftovers(parent: Path, name: str | None = None) -> list[Path]:
@@ -144,16 +174,24 @@ def remove_leftovers(parent: Path, name: str | None = None) -> list[Path]:
         if found is None or (name is not None and found[0] != name) or _alive(found[1]):
             continue
         stem = found[0]
+        if entry.is_dir() and not entry.is_symlink() and not _ours(entry):
+            continue
         if entry.name.endswith(OLD) and not (parent / stem).exists():
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # put back; if it cannot be, leave it where it is
                 os.replace(entry, parent / stem)
-                continue
+            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
-            entry.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+def _ours(folder: Path) -> bool:
+    """A staging folder (marked), or a folder that replace_folder replaced (an export: its manifest)."""
+    return (folder / STAGING_MARK).exists() or (folder / "gptdeploy.json").exists()
 
 
 def _prefix(name: str) -> str:

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from gptdeploy.errors import GptDeployError, WeightsUnavailable
-from gptdeploy.model import GPT, GPTConfig
+from gptdeploy.config import GPTConfig
+from gptdeploy.environment import available_memory_bytes
+from gptdeploy.model import GPT
 from gptdeploy.presets import PRESETS
 from gptdeploy.progress import QUIET, Progress
 from gptdeploy.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
@@ -95,6 +97,9 @@ def load(
         loaded = _load_hub(source_str, progress)
     else:
         raise GptDeployError(_unknown_source_message(source_str))
+    if loaded.tokenizer.vocab_size > loaded.config.vocab_size:
+        raise GptDeployError(f"{source_str}: the tokenizer has {loaded.tokenizer.vocab_size} tokens but the model only "
+                             f"{loaded.config.vocab_size}: its embedding cannot take the tokenizer's ids")
     loaded.model.to(device=device, dtype=dtype).eval()
     return loaded
 
@@ -110,7 +115,7 @@ def _load_random(source: str, seed: int) -> LoadedModel:
     if source not in PRESETS:
         raise GptDeployError(f"random weights need a preset name; {_unknown_source_message(source)}")
     config = PRESETS[source].config
-    model = GPT(config)
+    model = _new_model(config, source)
     model.init_weights(seed)
     recipe = f"random:{source}:{seed}:{json.dumps(config.to_dict(), sort_keys=True)}"
     return LoadedModel(
@@ -168,8 +173,8 @@ def _load_gptdeploy_safetensors(path: Path, source: str, origin: str) -> LoadedM
     if tokenizer_name != BPETokenizer.name:
         raise GptDeployError(f"{path}: tokenizer {tokenizer_name!r} is not supported (only {BPETokenizer.name})")
     try:
-        config = GPTConfig(**json.loads(metadata[CONFIG_KEY]))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        config = GPTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+    except (TypeError, ValueError) as e:
         raise GptDeployError(f"{path}: invalid {CONFIG_KEY} metadata: {e}") from None
     state = _read_tensors(path)
     if "transformer.wte.weight" in state:
@@ -236,7 +241,12 @@ def _hub_files(repo: str, filenames: list[str], progress: Progress) -> list[str]
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
-    """Our config from a Hugging Face GPT-2 config.json."""
+    """Our config from a Hugging Face GPT-2 config.json; GptDeployError for one that makes no working model."""
+    if not isinstance(hf, dict):
+        raise GptDeployError(f"config.json holds a {type(hf).__name__}, not a mapping of GPT2Config's keys")
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if k not in hf]
+    if missing:
+        raise GptDeployError(f"config.json lacks {', '.join(missing)}")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise GptDeployError(f"model_type {hf.get('model_type')!r} is not GPT-2")
     n_embd = hf["n_embd"]
@@ -251,11 +261,14 @@ def config_from_hf(hf: dict) -> GPTConfig:
     gelus = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "exact"}
     if act not in gelus:
         raise GptDeployError(f"activation_function {act!r} is not supported (choose one of {', '.join(gelus)})")
-    return GPTConfig(
-        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, block_size=hf["n_positions"],
-        vocab_size=hf["vocab_size"], bias=True, dropout=0.0, gelu=gelus[act],
-        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-    )
+    try:
+        return GPTConfig(
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, block_size=hf["n_positions"],
+            vocab_size=hf["vocab_size"], bias=True, dropout=0.0, gelu=gelus[act],
+            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        )
+    except ValueError as e:
+        raise GptDeployError(f"config.json: {e}") from None
 
 
 def _load_hf_folder(folder: Path, source: str, origin: str, config_path: Path | None = None,
@@ -265,9 +278,12 @@ def _load_hf_folder(folder: Path, source: str, origin: str, config_path: Path | 
         weights_path = next(folder / f for f in HF_WEIGHT_FILES if (folder / f).exists())
     try:
         hf_config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise GptDeployError(f"cannot read {config_path}: {e}") from None
-    config = config_from_hf(hf_config)
+    try:
+        config = config_from_hf(hf_config)
+    except GptDeployError as e:
+        raise GptDeployError(f"{config_path}: {str(e).removeprefix('config.json: ')}") from None
     state = _read_tensors(weights_path)
     converted = {}
     for key, tensor in state.items():
@@ -289,7 +305,10 @@ def _load_nanogpt(path: Path, source: str) -> LoadedModel:
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
         raise GptDeployError(f"{path} is not a nanoGPT checkpoint (no model_args/model keys)")
-    args = ckpt["model_args"]
+    args, weights = ckpt["model_args"], ckpt["model"]
+    if not isinstance(args, dict) or not isinstance(weights, dict):
+        raise GptDeployError(f"{path} is not a nanoGPT checkpoint: model_args and model must be mappings, not "
+                             f"{type(args).__name__} and {type(weights).__name__}")
     try:
         config = GPTConfig(
             n_layer=args["n_layer"], n_head=args["n_head"], n_embd=args["n_embd"], block_size=args["block_size"],
@@ -297,7 +316,9 @@ def _load_nanogpt(path: Path, source: str) -> LoadedModel:
         )
     except KeyError as e:
         raise GptDeployError(f"{path}: model_args lacks {e}") from None
-    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # torch.compile's prefix
+    except ValueError as e:
+        raise GptDeployError(f"{path}: model_args: {e}") from None
+    state = {str(k).removeprefix("_orig_mod."): v for k, v in weights.items()}  # torch.compile's prefix
     model = _build(config, state, path)
 
     dataset = (ckpt.get("config") or {}).get("dataset")
@@ -307,10 +328,6 @@ def _load_nanogpt(path: Path, source: str) -> LoadedModel:
     if meta is not None:
         tokenizer = CharTokenizer.from_meta(meta)
         files.append(meta)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise GptDeployError(
-            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
-        )
     return LoadedModel(model, config, tokenizer, source, f"nanoGPT checkpoint {path}", files)
 
 
@@ -329,13 +346,14 @@ def _torch_load(path: Path):
     except pickle.UnpicklingError as e:
         if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
             raise GptDeployError(f"cannot read {path}: not a PyTorch checkpoint (corrupt, or another format)") from None
-        lines = str(e).splitlines()
-        reason = next((line.strip() for line in lines if "unsupported global" in line.lower()), "unsupported object")
+        reason = next((line.strip() for line in str(e).splitlines() if "unsupported global" in line.lower()),
+                      "unsupported object")
         raise GptDeployError(
             f"{path} holds objects that only code execution could load; refusing to unpickle them ({reason})"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise GptDeployError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError) as e:
+        first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GptDeployError(f"cannot read {path}: {first} (empty, truncated or not a PyTorch checkpoint)") from None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -353,9 +371,20 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _new_model(config: GPTConfig, what) -> GPT:
+    """GPT(config), after checking that its fp32 weights fit in the memory this machine has free."""
+    need = config.num_params * 4
+    available = available_memory_bytes()
+    if available is not None and need > 0.9 * available:
+        raise GptDeployError(f"{what}: {config.n_layer} layers of width {config.n_embd}, {config.block_size} "
+                             f"positions and {config.vocab_size} tokens make {config.num_params:,} parameters, "
+                             f"{need / 1e9:.1f} GB in fp32; this machine has {available / 1e9:.1f} GB free")
+    return GPT(config)
+
+
 def _build(config: GPTConfig, state: dict[str, torch.Tensor], path: Path) -> GPT:
-    """A model with `state` loaded, after checking every name and shape."""
-    model = GPT(config)
+    """A model with `state` loaded, after checking every name, shape and value."""
+    model = _new_model(config, path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -367,9 +396,14 @@ def _build(config: GPTConfig, state: dict[str, torch.Tensor], path: Path) -> GPT
             parts.append(f"unexpected {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
         raise GptDeployError(f"{path}: weights do not match the architecture: {'; '.join(parts)}")
     for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise GptDeployError(f"{path}: {name} is a {type(tensor).__name__}, not a tensor")
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise GptDeployError(
                 f"{path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
             )
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            bad = "not floating point" if not tensor.is_floating_point() else "NaN or Inf values"
+            raise GptDeployError(f"{path}: tensor {name} holds {bad}; the checkpoint is broken")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model

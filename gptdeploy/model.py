@@ -11,41 +11,15 @@ KV cache layout, per layer: a (key, value) pair of tensors shaped [batch, n_head
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gptdeploy.config import GPTConfig
+
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50257
-    bias: bool = True
-    dropout: float = 0.0
-    # GPT-2's weights were trained with the tanh approximation of GELU; nanoGPT trains with exact erf.
-    gelu: str = "tanh"
-    layer_norm_eps: float = 1e-5
-
-    def __post_init__(self):
-        if self.gelu not in ("tanh", "exact"):
-            raise ValueError(f"gelu must be 'tanh' or 'exact', not {self.gelu!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class GPTOutput(NamedTuple):

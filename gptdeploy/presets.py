@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gptdeploy.model import GPTConfig
+from gptdeploy.config import GPTConfig
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from gptdeploy.errors import GptDeployError
+from gptdeploy.errors import GptDeployError, RuntimeFailed
 from gptdeploy.export_folder import (
     INPUTS,
     KV_CONCAT,
@@ -148,8 +148,13 @@ class OrtRunner(Runner):
         self._past_names = past_names(self.info.n_layer)
         self._present_names = present_names(self.info.n_layer)
         self._check_kv_cache()
-        self.session = ort.InferenceSession(str(self.graph), session_config.session_options(),
-                                            providers=self._providers())
+        try:
+            self.session = ort.InferenceSession(str(self.graph), session_config.session_options(),
+                                                providers=self._providers())
+        except Exception as e:  # ONNX Runtime's own errors: a file it cannot read as a graph
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise GptDeployError(f"ONNX Runtime cannot load {self.graph}: {_first_line(e)}") from None
         self._check_session()
         self._logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
         self._keep = {n: ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)) for n in (0, 1)}
@@ -229,7 +234,7 @@ class OrtRunner(Runner):
             binding.bind_output(name, self.device_type, self.device_id)
         if self._logits_to_keep:
             binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep[int(last_only)])
-        self.session.run_with_iobinding(binding)
+        self._run(binding)
         logits, *presents = binding.get_outputs()
         logits = logits.numpy()
         if last_only:
@@ -251,7 +256,7 @@ class OrtRunner(Runner):
         if self._logits_to_keep:
             binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep[int(last_only)])
         binding.bind_output("logits", "cpu")  # a fresh logits tensor: the last one belongs to the caller
-        self.session.run_with_iobinding(binding)
+        self._run(binding)
         buffers.filled = needed
         logits = binding.get_outputs()[0].numpy()
         return StepOutput(logits[:, -1:] if last_only else logits, SharedCache(buffers, batch, needed))
@@ -275,8 +280,20 @@ class OrtRunner(Runner):
             cache = out.cache
         return StepOutput(logits[-1] if last_only else np.concatenate(logits, axis=1), cache)
 
+    def _run(self, binding) -> None:
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:  # ONNX Runtime failed on inputs the runner checked: the runtime failed
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise RuntimeFailed(f"ONNX Runtime failed running {self.graph.name}: {_first_line(e)}") from None
+
     def close(self) -> None:
         self.session = None
+
+
+def _first_line(e: Exception) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 class OrtCudaRunner(OrtRunner):

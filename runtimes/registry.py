@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from gptdeploy.environment import missing
 from gptdeploy.errors import GptDeployError
+from gptdeploy.export_folder import NO_PAST, WITH_PAST
 from gptdeploy.precision import CHECKPOINT, EXPORT
 from gptdeploy.runtimes.base import OpenOptions, Runner
 
@@ -32,6 +33,7 @@ class RuntimeSpec:
     runs_variants: bool = False  # whether it runs an export's ONNX Runtime variants
     needs_engines: bool = False  # whether it runs the export's TensorRT engines (built before it opens)
     gpu: bool = False
+    graphs: tuple[str, ...] = (WITH_PAST,)  # the export's graphs it reads (the files verified before it opens)
 
     def missing(self) -> list[str]:
         """What this machine lacks to run it, one line per thing; empty when it can run."""
@@ -58,9 +60,10 @@ RUNTIMES: dict[str, RuntimeSpec] = {
                     ("onnxruntime-cuda", "gpu"), "gptdeploy.runtimes.ort:OrtCudaRunner", runs_variants=True, gpu=True),
         RuntimeSpec("trt", "TensorRT engines built from the export, KV cache kept on the GPU", EXPORT,
                     ("tensorrt", "gpu", "torch-cuda"), "gptdeploy.runtimes.trt:TrtRunner", needs_engines=True,
-                    gpu=True),
+                    gpu=True, graphs=(NO_PAST, WITH_PAST)),
         RuntimeSpec("ort-trt", "ONNX Runtime, TensorrtExecutionProvider (CUDA fallback)", EXPORT,
-                    ("onnxruntime-trt", "tensorrt", "gpu"), "gptdeploy.runtimes.ort_trt:OrtTrtRunner", gpu=True),
+                    ("onnxruntime-trt", "tensorrt", "gpu"), "gptdeploy.runtimes.ort_trt:OrtTrtRunner", gpu=True,
+                    graphs=(NO_PAST, WITH_PAST)),
     ]
 }
 

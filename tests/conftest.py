@@ -13,6 +13,20 @@ from gptdeploy.model import GPT, GPTConfig
 TINY_HF = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_export_cache(tmp_path_factory):
+    """Tests never write into the user's export cache: $GPTDEPLOY_CACHE is a folder of this session's."""
+    import os
+
+    saved = os.environ.get("GPTDEPLOY_CACHE")
+    os.environ["GPTDEPLOY_CACHE"] = str(tmp_path_factory.mktemp("gptdeploy-cache"))
+    yield
+    if saved is None:
+        del os.environ["GPTDEPLOY_CACHE"]
+    else:
+        os.environ["GPTDEPLOY_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def hf_folder(tmp_path_factory):
     """A Hugging Face GPT2LMHeadModel with random weights, saved with save_pretrained."""

@@ -247,6 +247,7 @@ def _change_one_weight(folder, to_folder):
     manifest_path = to_folder / "gptdeploy.json"  # keep the manifest's hashes true to the files
     manifest = json.loads(manifest_path.read_text())
     manifest["files"]["onnx/model.onnx"] = hashlib.sha256(graph_path.read_bytes()).hexdigest()
+    manifest["sizes"]["onnx/model.onnx"] = graph_path.stat().st_size
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return to_folder
 

@@ -54,6 +54,8 @@ import numpy as np
 from gptdeploy.app.bench_settings import OK, UNAVAILABLE, BenchSettings, split_runtime
 from gptdeploy.app.bench_worker import Worker, WorkerFailed
 from gptdeploy.app.machine import describe_machine, library_versions, load_average, measure_read_bandwidth
+from gptdeploy.config import GPTConfig
+from gptdeploy.environment import available_memory_bytes
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import is_export_folder, now, read_export
 from gptdeploy.files import write_atomic
@@ -79,10 +81,7 @@ class ModelUnderTest:
     @property
     def parameters(self) -> int:
         """All parameters, the tied lm_head counted once (GPT.num_params)."""
-        c = self.config
-        n, bias = c["n_embd"], c.get("bias", True)
-        per_layer = 12 * n * n + (13 * n if bias else 2 * n)  # 4 matrices, their biases, 2 LayerNorms
-        return c["vocab_size"] * n + c["block_size"] * n + c["n_layer"] * per_layer + (2 * n if bias else n)
+        return GPTConfig.from_dict(self.config).num_params
 
     def weight_bytes_per_step(self, precision: str) -> int:
         """Bytes of weights a decode step reads: all but the position table, of which it reads one row."""
@@ -172,6 +171,7 @@ class _BenchRun:
             raise GptDeployError(f"prompt of {settings.prompt_len} + {settings.new_tokens} new tokens needs "
                                  f"{longest} positions, more than the model's context of "
                                  f"{self.model.config['block_size']} (block_size)")
+        self._check_memory()
         self.load_start = load_average()
         self.machine = describe_machine()
         threads = settings.threads or self.machine["physical_cores"]
@@ -181,6 +181,17 @@ class _BenchRun:
         self.updates: dict = {}  # runtime -> its progress update function
         self.bandwidths: list[dict] = []
         self.export: dict = {}
+
+    def _check_memory(self) -> None:
+        """Refuses, before anything runs, a batch whose KV cache and logits cannot fit in the free memory."""
+        s, model = self.settings, self.model
+        batch, positions = max(s.batches), s.prompt_len + s.new_tokens
+        need = (model.weight_bytes_per_step("fp32") + model.kv_bytes(batch, positions, "fp32")
+                + batch * s.prompt_len * model.config["vocab_size"] * 4)  # the reference's logits of a prefill
+        available = available_memory_bytes()
+        if available is not None and need > 0.9 * available:
+            raise GptDeployError(f"batch {batch} of {positions} positions needs about {need / 1e9:.1f} GB (weights, "
+                                 f"KV cache, the prefill's logits); this machine has {available / 1e9:.1f} GB free")
 
     def run(self) -> dict:
         for name in self.settings.runtimes:

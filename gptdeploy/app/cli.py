@@ -1,24 +1,26 @@
 """The `gptdeploy` command line: it parses, calls the application layer, and prints; nothing more.
 
-Every command raises GptDeployError for bad input; `main` turns it into one line on stderr and exit
-code 2, so a user never sees a traceback for a mistake of theirs (GPTDEPLOY_DEBUG=1 shows it).
+`run` turns every outcome into an exit code (gptdeploy.errors lists them) and at most one line on
+stderr: bad input or environment (GptDeployError) exit 2, a failed comparison or runtime 1, a bug 70
+with a hint to set GPTDEPLOY_DEBUG=1 (which shows the traceback instead). Ctrl-C and SIGTERM unwind
+the command the same way (nothing is left half-written) and print "gptdeploy: interrupted".
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from gptdeploy.errors import GptDeployError
+from gptdeploy.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, GptDeployError, RuntimeFailed
 from gptdeploy.progress import Progress
 
 app = typer.Typer(
     add_completion=False,
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Take a GPT from PyTorch to ONNX, ONNX Runtime and TensorRT, and prove every runtime computes the same model.",
 )
@@ -189,6 +191,31 @@ def build_engine(
 
 
 @app.command()
+def verify(folder: Annotated[Path, typer.Argument(help="An export folder.")]):
+    """Check every file of an export folder against its manifest (sizes, sha256, nothing unlisted).
+
+    Exit code 0 when the folder matches its manifest, 1 when it does not (each difference on a line),
+    2 when it is no export folder.
+    """
+    import time
+
+    from gptdeploy.export_folder import differences, read_export
+
+    start = time.perf_counter()
+    export_folder = read_export(folder)
+    found = differences(export_folder)
+    files = export_folder.manifest["files"]
+    size = sum((folder / f).stat().st_size for f in files if (folder / f).is_file())
+    for line in found:
+        print(f"{folder}: {line}")
+    if found:
+        print(f"{folder} does not match its manifest: {len(found)} difference{'s' * (len(found) > 1)}")
+        raise typer.Exit(EXIT_FAILED)
+    print(f"{folder}: all {len(files)} files match the manifest ({size / 1e6:.1f} MB checked in "
+          f"{time.perf_counter() - start:.2f} s)")
+
+
+@app.command()
 def info(source: SourceArg, random: RandomOpt = False, seed: SeedOpt = 0):
     """Print the architecture, parameter count, tokenizer and where the weights came from."""
     from rich.console import Console
@@ -242,6 +269,8 @@ def generate(
 
     prompts = _prompts(prompt, prompt_ids)
     config = _generation_config(max_new_tokens, greedy, temperature, top_k, top_p, seed)
+    _check_threads(threads)
+    _check_device(device)
     runtime = runtime or _default_runtime(source, precision, variant)
     start = time.perf_counter()
     runner, tokenizer = open_runner(runtime, source, precision=precision, variant=variant, device=device,
@@ -382,12 +411,12 @@ def parity(
     from gptdeploy.app.parity_run import DEFAULT_PROMPTS, parse_reference, parse_targets, read_prompts, run_parity
     from gptdeploy.compare import parse_tolerances
 
+    _check_device(device)
     targets = [replace(t, device=device) for t in parse_targets(runtimes, precision)]
     overrides = parse_tolerances(tol or [])
     if steps < 1 or greedy_tokens < 1:
         raise GptDeployError(f"--steps and --greedy-tokens must be >= 1, got {steps} and {greedy_tokens}")
-    if json_file is not None and not json_file.absolute().parent.is_dir():
-        raise GptDeployError(f"--json {json_file}: the folder {json_file.absolute().parent} does not exist")
+    _check_output(json_file, "--json")
     report = run_parity(source, targets, reference=parse_reference(reference), export=export,
                         prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS, steps=steps,
                         greedy_tokens=greedy_tokens, tolerances=overrides,
@@ -397,6 +426,33 @@ def parity(
         report.write_json(json_file)
     if not report.passed:
         raise typer.Exit(1)
+
+
+def _check_output(path: Path | None, option: str) -> None:
+    """A report's destination, checked before a run that takes minutes: a file we can create or replace."""
+    if path is None:
+        return
+    path = path.absolute()
+    if path.is_dir():
+        raise GptDeployError(f"{option} {path}: is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise GptDeployError(f"{option} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise GptDeployError(f"{option} {path}: not writable")
+
+
+def _check_threads(threads: int) -> None:
+    cpus = os.cpu_count() or 1
+    if threads < 0 or threads > cpus:
+        raise GptDeployError(f"--threads {threads}: this machine has {cpus} logical CPUs; give 1 to {cpus}, or 0 for "
+                             f"the runtime's default")
+
+
+def _check_device(device: str | None) -> None:
+    import re
+
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise GptDeployError(f"--device {device!r}: give cpu, cuda or cuda:N")
 
 
 def _int_list(option: str, text: str) -> tuple[int, ...]:
@@ -456,8 +512,9 @@ def bench(
         isolate=not in_process,
     )
     settings.check()
-    if json_file is not None and not json_file.absolute().parent.is_dir():
-        raise GptDeployError(f"--json {json_file}: the folder {json_file.absolute().parent} does not exist")
+    _check_threads(threads)
+    _check_device(device)
+    _check_output(json_file, "--json")
     with BenchProgress() as progress:
         report = run_bench(settings, progress)
     print_report(report)
@@ -467,17 +524,130 @@ def bench(
         raise typer.Exit(1)
 
 
-def main() -> None:
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM (timeout, CI runners, docker stop): unwinds the command, so that nothing is
+    left half-written. Not a KeyboardInterrupt, which typer would turn into a silent exit code."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line: runs one command and exits with its code (gptdeploy.errors lists them)."""
+    sys.exit(run(sys.argv[1:] if argv is None else argv))
+
+
+def run(argv: list[str]) -> int:
+    """One command, every outcome turned into an exit code and at most one line on stderr."""
+    debug = bool(os.environ.get("GPTDEPLOY_DEBUG"))
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
     try:
-        app()
-    except GptDeployError as e:
-        if os.environ.get("GPTDEPLOY_DEBUG"):
+        code = app(args=argv or ["--help"], prog_name="gptdeploy", standalone_mode=False)
+        code = code if isinstance(code, int) else EXIT_OK
+        _flush_stdout()
+        return code
+    except (KeyboardInterrupt, typer.Abort):
+        return _interrupted(EXIT_INTERRUPTED)
+    except Interrupted as e:
+        return _interrupted(EXIT_TERMINATED if e.signum == signal.SIGTERM else EXIT_INTERRUPTED)
+    except typer.TyperException as e:  # a bad option or argument: its message, on one line
+        if debug:
             raise
-        print(f"gptdeploy: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("gptdeploy: interrupted", file=sys.stderr)
-        sys.exit(130)
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        command = f"gptdeploy {argv[0]}" if argv and not argv[0].startswith("-") else "gptdeploy"
+        return _error(f"{' '.join(message.split())} ({command} --help lists the options)", EXIT_BAD_INPUT)
+    except GptDeployError as e:
+        if debug:
+            raise
+        return _error(str(e), EXIT_BAD_INPUT)
+    except RuntimeFailed as e:
+        if debug:
+            raise
+        return _error(str(e), EXIT_FAILED, "failed")
     except BrokenPipeError:  # stdout closed early, e.g. `gptdeploy generate ... | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        sys.exit(1)
+        _silence_stdout()
+        return EXIT_FAILED
+    except StdoutUnwritable as e:  # /dev/full, a full disk: what was printed is lost, said once
+        _silence_stdout()
+        return _error(f"cannot write to standard output: {e.strerror}", EXIT_BAD_INPUT)
+    except OSError as e:
+        if debug:
+            raise
+        return _error(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", EXIT_BAD_INPUT)
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if debug:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        return _error(f"internal error, {type(e).__name__}: {first} (a bug in gptdeploy; run again with "
+                      f"GPTDEPLOY_DEBUG=1 to see the traceback)", EXIT_INTERNAL)
+    finally:
+        sys.stdout = stdout
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+class StdoutUnwritable(OSError):
+    """Writing to standard output failed (not a closed pipe)."""
+
+
+class _Stdout:
+    """sys.stdout while a command runs: a failed write says that it was standard output that failed."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutUnwritable(e.errno, e.strerror) from None
+
+    def write(self, text):
+        return self._guard(self._stream.write, text)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _flush_stdout() -> None:
+    sys.stdout.flush()
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null, so that the interpreter's own flush at exit fails no second time."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _error(message: str, code: int, kind: str = "error") -> int:
+    try:
+        sys.stdout.flush()
+    except OSError:
+        _silence_stdout()
+    print(f"gptdeploy: {kind}: {message}", file=sys.stderr)
+    return code
+
+
+def _interrupted(code: int) -> int:
+    try:
+        sys.stdout.flush()
+    except OSError:
+        _silence_stdout()
+    print("gptdeploy: interrupted", file=sys.stderr)
+    return code

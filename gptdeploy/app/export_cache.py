@@ -4,9 +4,9 @@
     folder = cache.export(loaded, "fp32", progress)
 
 Folders live in <root>/exports, one per weights and precision: <LoadedModel.fingerprint>-<precision>.
-A folder is reused when its manifest names the same weights' sha256 and precision; anything else
-there (an old or broken export, a leftover of an interrupted one) is the cache's own and is exported
-again. An ExportCache is an object passed to whatever needs it (open_runner, parity, bench), so a
+A folder is reused when its manifest names the same weights' sha256 and precision and its files still
+match the manifest; anything else there (an old, broken or corrupted export, a leftover of an
+interrupted one) is the cache's own and is exported again. An ExportCache is an object passed to whatever needs it (open_runner, parity, bench), so a
 test or an app can point it anywhere.
 """
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from gptdeploy.app.exporting import export_model
 from gptdeploy.errors import GptDeployError
-from gptdeploy.export_folder import ExportFolder, is_export_folder, read_export
+from gptdeploy.export_folder import ExportFolder, VerificationMemo, is_export_folder, read_export, verify
 from gptdeploy.files import remove_leftovers
 from gptdeploy.progress import QUIET, Progress
 
@@ -33,6 +33,10 @@ class ExportCache:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gptdeploy").expanduser()
 
+    def memo(self) -> VerificationMemo:
+        """Where the files found to match their manifests are remembered (verifying again costs a stat)."""
+        return VerificationMemo(self.root / "verified.json")
+
     def path(self, loaded: LoadedModel, precision: str) -> Path:
         return self.root / "exports" / f"{loaded.fingerprint}-{precision}"
 
@@ -43,7 +47,8 @@ class ExportCache:
             return None
         try:
             folder = read_export(path)
-        except GptDeployError:  # incomplete or of another format: export again
+            verify(folder, memo=self.memo())
+        except GptDeployError:  # incomplete, corrupt, or of another format: export again
             return None
         current = folder.source.get("sha256") == loaded.fingerprint and folder.precision == precision
         return folder if current else None
@@ -55,8 +60,10 @@ class ExportCache:
         path = self.path(loaded, precision)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK):
+                raise PermissionError(13, "not writable")
         except OSError as e:
-            raise GptDeployError(f"cannot use the export cache {self.root} (set {CACHE_ENV} to another folder): "
+            raise GptDeployError(f"cannot use the export cache {self.root} (set {CACHE_ENV} to a writable folder): "
                                  f"{e.strerror or e}") from None
         remove_leftovers(path.parent)
         if path.exists():  # a stale or broken entry: the cache's own, so replace it whatever it holds

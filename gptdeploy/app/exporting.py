@@ -30,8 +30,8 @@ from gptdeploy.engines import EngineSettings, engine_spec, make_settings, record
 from gptdeploy.environment import gpu_identity, import_tensorrt
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import (
-    DECODE, FORMAT, FORMAT_VERSION, PREFILL, VARIANTS, WITH_PAST, ExportFolder, check_destination, now,
-    read_export, update_manifest, write_manifest,
+    DECODE, FORMAT, FORMAT_VERSION, NO_PAST, PREFILL, VARIANTS, WITH_PAST, ExportFolder, check_destination, files_used,
+    now, read_export, update_manifest, verify, write_manifest,
 )
 from gptdeploy.files import remove_leftovers, replace_folder, sha256_file, staging_folder
 from gptdeploy.progress import QUIET, Progress
@@ -71,6 +71,9 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, *, precision: str = "
     opset = onnx_export.DEFAULT_OPSET if opset is None else opset
     onnx_export.check_opset(opset)
     out_dir = Path(out_dir).expanduser().absolute()
+    remove_leftovers(out_dir.parent)  # what killed runs left beside it (their own hidden names only)
+    if out_dir.is_dir():
+        remove_leftovers(out_dir)
     check_destination(out_dir, force)
 
     reference = loaded.model
@@ -78,7 +81,6 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, *, precision: str = "
         reference = copy.deepcopy(reference).float().cpu()
     reference.eval()
     try:
-        remove_leftovers(out_dir.parent, out_dir.name)
         with staging_folder(out_dir) as tmp:
             specs = onnx_export.write_graphs(reference, tmp, precision=precision, opset=opset, progress=progress)
             with progress.step("Writing config.json, generation_config.json and the tokenizer"):
@@ -148,6 +150,7 @@ def optimize_export(folder: ExportFolder | str | Path, variants=None, *, referen
     if not todo:
         return OptimizeResult(folder, [], kept, time.perf_counter() - start)
 
+    verify(folder, files_used(folder))  # the graph the variants are made from, as it was written
     tokenizer = folder.tokenizer()
     try:
         remove_leftovers(folder.path)
@@ -212,6 +215,7 @@ def ensure_engines(folder: ExportFolder, settings: EngineSettings | None = None,
 
     trt = import_tensorrt()
     compute_capability, gpu = gpu_identity()
+    verify(folder, files_used(folder, graphs=(NO_PAST, WITH_PAST)))
     settings = settings or recorded_settings(folder) or make_settings(folder.config["block_size"])
     for engine in only:
         spec = engine_spec(folder, engine, settings, trt.__version__, compute_capability, gpu)

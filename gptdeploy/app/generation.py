@@ -18,15 +18,20 @@ context instead, which changes what the model sees without saying so).
 from __future__ import annotations
 
 import codecs
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from gptdeploy.errors import GptDeployError
+from gptdeploy.errors import GptDeployError, RuntimeFailed
 from gptdeploy.steps import PAD_ID, decode_inputs, prefill_inputs
 from gptdeploy.tokenizer import Tokenizer
+
+
+# Below this, logits divided by the temperature leave float64's range (a subnormal temperature gives inf).
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -46,12 +51,15 @@ class GenerationConfig:
     def check(self) -> None:
         if self.max_new_tokens < 1:
             raise GptDeployError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise GptDeployError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0 or 0 < self.temperature < MIN_TEMPERATURE:
+            raise GptDeployError(f"temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE:g}, got "
+                                 f"{self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise GptDeployError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise GptDeployError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise GptDeployError(f"seed must be an integer from 0 to 2**64 - 1, got {self.seed}")
 
 
 @dataclass
@@ -144,6 +152,7 @@ def _tokens(runner, rows: list[list[int]], config: GenerationConfig, vocab_limit
     logits, cache = runner.step(*inputs, runner.new_cache(len(rows)), last_only=True)
     finished = np.zeros(len(rows), dtype=bool)
     for step in range(config.max_new_tokens):
+        _check_finite(logits[:, -1], step, finished, runner)
         tokens = choose_tokens(logits[:, -1], config, rng, vocab_limit)
         yield np.where(finished, -1, tokens)
         if config.stop_at_eot and eot_id is not None:
@@ -152,6 +161,14 @@ def _tokens(runner, rows: list[list[int]], config: GenerationConfig, vocab_limit
             return  # the last token never goes through the model
         inputs = decode_inputs(inputs, np.where(finished, PAD_ID, tokens))
         logits, cache = runner.step(*inputs, cache, last_only=True)
+
+
+def _check_finite(logits: np.ndarray, step: int, finished: np.ndarray, runner) -> None:
+    """NaN or Inf in a row still generating: the weights or the runtime are broken; never pick a token from it."""
+    bad = ~np.isfinite(logits).all(-1) & ~finished
+    if bad.any():
+        raise RuntimeFailed(f"{runner.describe()} gave NaN or Inf logits at step {step + 1} (row "
+                            f"{int(np.flatnonzero(bad)[0])}): its weights or the runtime are broken")
 
 
 def _request(runner, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],

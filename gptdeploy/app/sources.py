@@ -19,7 +19,7 @@ from pathlib import Path
 from gptdeploy.app.export_cache import ExportCache
 from gptdeploy.app.exporting import ensure_engines, ensure_variants
 from gptdeploy.errors import EngineUnusable, GptDeployError
-from gptdeploy.export_folder import ExportFolder, is_export_folder, read_export
+from gptdeploy.export_folder import ExportFolder, files_used, is_export_folder, read_export, verify
 from gptdeploy.precision import CHECKPOINT, EXPORT, Resolved, resolve
 from gptdeploy.progress import QUIET, Progress
 from gptdeploy.runtimes.base import OpenOptions, Runner
@@ -53,8 +53,9 @@ def open_runner(
     """
     spec = require(name)
     options = OpenOptions(device=device, variant=None, threads=threads, optimization=optimization)
+    cache = cache or ExportCache()
     if is_export_folder(Path(source)):
-        return _open_export_folder(spec, read_export(source), precision, variant, options, progress)
+        return _open_export_folder(spec, read_export(source), precision, variant, options, cache, progress)
     if spec.runs == CHECKPOINT:
         resolved = resolve(CHECKPOINT, precision, variant, runtime=name)
         return _open_checkpoint(spec, source, resolved, options, weights, weights_seed)
@@ -62,14 +63,14 @@ def open_runner(
     from gptdeploy.loading import load
 
     resolved = resolve(EXPORT, precision, variant, runtime=name, runs_variants=spec.runs_variants)
-    loaded = load(source, weights=weights, seed=weights_seed)
-    folder = (cache or ExportCache()).export(loaded, resolved.export_precision, progress)
+    loaded = load(source, weights=weights, seed=weights_seed, progress=progress)
+    folder = cache.export(loaded, resolved.export_precision, progress)
     if resolved.variant is not None:  # made once in the cached export, validated against the checkpoint
         folder = ensure_variants(folder, [resolved.variant], reference=loaded.model, progress=progress)
-    return _open_folder(spec, folder, resolved, options, progress), folder.tokenizer()
+    return _open_folder(spec, folder, resolved, options, cache, progress), folder.tokenizer()
 
 
-def _open_export_folder(spec: RuntimeSpec, folder: ExportFolder, precision, variant, options, progress):
+def _open_export_folder(spec: RuntimeSpec, folder: ExportFolder, precision, variant, options, cache, progress):
     if spec.runs == CHECKPOINT:
         exported_from = folder.source.get("source", "its checkpoint")
         raise GptDeployError(f"the {spec.name} runtime runs a checkpoint, and {folder.path} is an export folder "
@@ -79,7 +80,7 @@ def _open_export_folder(spec: RuntimeSpec, folder: ExportFolder, precision, vari
                        folder_precision=folder.precision, folder_variants=folder.variants)
     if resolved.variant is not None:
         folder.variant(resolved.variant)  # one clear error if the folder does not hold it
-    return _open_folder(spec, folder, resolved, options, progress), folder.tokenizer()
+    return _open_folder(spec, folder, resolved, options, cache, progress), folder.tokenizer()
 
 
 def _open_checkpoint(spec: RuntimeSpec, source, resolved: Resolved, options: OpenOptions, weights, weights_seed):
@@ -95,11 +96,14 @@ def _open_checkpoint(spec: RuntimeSpec, source, resolved: Resolved, options: Ope
 
 
 def _open_folder(spec: RuntimeSpec, folder: ExportFolder, resolved: Resolved, options: OpenOptions,
-                 progress: Progress) -> Runner:
+                 cache: ExportCache, progress: Progress) -> Runner:
+    """The runtime on the folder, every file it reads verified against the manifest first."""
     options = OpenOptions(options.device, resolved.variant, options.threads, options.optimization)
+    verify(folder, files_used(folder, variant=resolved.variant, graphs=spec.graphs), memo=cache.memo())
     if not spec.needs_engines:
         return spec.open(folder, options)
     folder = ensure_engines(folder, progress=progress)
+    verify(folder, files_used(folder, engines=True), memo=cache.memo())
     try:
         return spec.open(folder, options)
     except EngineUnusable as e:  # built, but TensorRT cannot load it (corrupt, another build): rebuild it alone
