@@ -24,6 +24,8 @@ from gptdeploy.errors import GptDeployError
 TORCH_CPU = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
 GPU_EXTRA = "pip install 'gptdeploy[gpu]'"
 TRT_EXTRA = "pip install 'gptdeploy[trt]' (TensorRT comes from NVIDIA's package index, pypi.nvidia.com)"
+ORT_TRT_EXTRA = ("pip install 'gptdeploy[ort-trt]' (onnxruntime-gpu with the TensorRT 10 its TensorRT provider links; "
+                 "TensorRT comes from NVIDIA's package index, pypi.nvidia.com)")
 
 
 @functools.cache
@@ -94,7 +96,7 @@ REQUIREMENTS: dict[str, Requirement] = {
     "onnxruntime-trt": Requirement(
         lambda: has_module("onnxruntime") and "TensorrtExecutionProvider" in ort_providers(),
         f"this onnxruntime has no TensorrtExecutionProvider (onnxruntime-gpu is not installed); install it in "
-        f"place of onnxruntime: pip uninstall -y onnxruntime && {TRT_EXTRA}"),
+        f"place of onnxruntime: pip uninstall -y onnxruntime && {ORT_TRT_EXTRA}"),
     "tensorrt": Requirement(has_tensorrt, f"TensorRT is not installed; install it: {TRT_EXTRA}"),
     "gpu": Requirement(lambda: cuda_device_count() > 0,
                        "no CUDA GPU is visible (no NVIDIA driver, or no device)"),

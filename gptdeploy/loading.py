@@ -42,7 +42,17 @@ class LoadedModel:
     source: str  # what the caller asked for
     origin: str  # where the weights came from, in words
     files: list[Path] = field(default_factory=list)  # the files the weights were read from
+    random_seed: int | None = None  # random weights (GPT-2's initialisation from this seed); None: trained ones
     _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def is_random(self) -> bool:
+        return self.random_seed is not None
+
+    def source_record(self) -> dict:
+        """What an export's manifest records of where its weights came from (gptdeploy.load takes it back)."""
+        return {"source": self.source, "origin": self.origin, "sha256": self.fingerprint,
+                "random_seed": self.random_seed}
 
     @property
     def fingerprint(self) -> str:
@@ -117,11 +127,14 @@ def _load_random(source: str, seed: int) -> LoadedModel:
     config = PRESETS[source].config
     model = _new_model(config, source)
     model.init_weights(seed)
-    recipe = f"random:{source}:{seed}:{json.dumps(config.to_dict(), sort_keys=True)}"
-    return LoadedModel(
-        model, config, BPETokenizer(), source, f"random weights (GPT-2 init, seed {seed})",
-        _fingerprint=hashlib.sha256(recipe.encode()).hexdigest(),
-    )
+    return LoadedModel(model, config, BPETokenizer(), source, f"random weights (GPT-2 init, seed {seed})",
+                       random_seed=seed, _fingerprint=random_fingerprint(source, seed))
+
+
+def random_fingerprint(preset: str, seed: int) -> str:
+    """The fingerprint of a preset's random weights: a sha256 over the recipe, no model needed."""
+    recipe = f"random:{preset}:{seed}:{json.dumps(PRESETS[preset].config.to_dict(), sort_keys=True)}"
+    return hashlib.sha256(recipe.encode()).hexdigest()
 
 
 def _load_path(path: Path, source: str) -> LoadedModel:

@@ -8,10 +8,16 @@ to CUDAExecutionProvider. ONNX Runtime keeps its engines and timing cache in the
 trt/ort/, so only the first session creation builds them. The KV cache stays on the GPU through IO
 binding, as with ort-cuda.
 
-Differences from `trt`: ONNX Runtime builds the engines with its own flags. trt_fp16_enable (set
-for fp16 exports) lets TensorRT 10 choose fp16 kernels anywhere, also where the fp16 export keeps
-fp32; and TensorRT's default TF32 stays on for fp32 graphs, so fp32 results differ from the
+Differences from `trt`: ONNX Runtime builds the engines with its own flags. Precision comes from the
+graph's types, as with `trt`: trt_fp16_enable is not set (it asks TensorRT for a weakly typed
+network, which TensorRT 11 removed, and would let TensorRT 10 pick fp16 kernels where the fp16 export
+keeps fp32). TensorRT's default TF32 stays on for fp32 graphs, so fp32 results differ from the
 reference by more than with `trt`, which disables TF32.
+
+The provider is a library of onnxruntime-gpu's that links one TensorRT major version (libnvinfer.so.10
+for onnxruntime-gpu 1.18 to 1.31 at least) and one CUDA runtime; where it cannot load, ONNX Runtime
+falls back to CUDA with only a log line. The runner refuses that fallback and names the library the
+provider could not find.
 """
 
 from __future__ import annotations
@@ -31,6 +37,24 @@ ORT_CACHE_DIR = f"{ENGINE_DIR}/ort"
 PROFILE_POINTS = ("min", "opt", "max")
 
 
+PROVIDER_LIBRARY = "libonnxruntime_providers_tensorrt.so"
+
+
+def provider_problem(library: Path | None = None) -> str:
+    """Why ONNX Runtime's TensorRT provider library does not load, in the dynamic loader's words (which name
+    the missing library, such as libnvinfer.so.10); or that it does load."""
+    import ctypes
+
+    library = library or Path(ort.__file__).parent / "capi" / PROVIDER_LIBRARY
+    if not library.is_file():
+        return f"{library.name} is not in this onnxruntime (the CPU build?)"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as e:
+        return f"{library.name} cannot load: {e}"
+    return f"{library.name} loads, but the provider did not start (GPTDEPLOY_DEBUG=1 and ONNX Runtime's log say why)"
+
+
 def profile_options(shapes: dict[str, tuple[tuple[int, ...], ...]]) -> dict[str, str]:
     """ONNX Runtime's trt_profile_{min,opt,max}_shapes options: "input_ids:1x1,attention_mask:1x2,..."."""
     return {
@@ -39,11 +63,10 @@ def profile_options(shapes: dict[str, tuple[tuple[int, ...], ...]]) -> dict[str,
     }
 
 
-def provider_options(shapes, *, precision: str, device_id: int, cache_dir: Path, workspace_gib: float) -> dict:
+def provider_options(shapes, *, device_id: int, cache_dir: Path, workspace_gib: float) -> dict:
     """TensorrtExecutionProvider's options for one graph."""
     return {
         "device_id": device_id,
-        "trt_fp16_enable": precision == "fp16",
         "trt_max_workspace_size": int(workspace_gib * 2**30),
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": str(cache_dir),
@@ -85,8 +108,8 @@ class OrtTrtRunner(OrtCudaRunner):
 
     def _providers(self, engine: str = DECODE) -> list:
         shapes = profile_shapes(self.folder.manifest["graphs"][ENGINE_GRAPHS[engine]], engine, self.settings)
-        options = provider_options(shapes, precision=self.precision, device_id=self.device_id,
-                                   cache_dir=self.cache_dir, workspace_gib=self.settings.workspace_gib)
+        options = provider_options(shapes, device_id=self.device_id, cache_dir=self.cache_dir,
+                                   workspace_gib=self.settings.workspace_gib)
         return [(self.provider, options), ("CUDAExecutionProvider", {"device_id": self.device_id}),
                 "CPUExecutionProvider"]
 
@@ -97,10 +120,8 @@ class OrtTrtRunner(OrtCudaRunner):
     def _check_provider(self, session) -> None:
         # ONNX Runtime falls back to CUDA or the CPU, with only a log line, when TensorRT cannot start.
         if session.get_providers()[0] != self.provider:
-            raise GptDeployError(
-                f"onnxruntime {ort.__version__} could not start TensorrtExecutionProvider on GPU {self.device_id} "
-                f"(it needs the TensorRT libraries of the version it was built with); it offered {session.get_providers()}"
-            )
+            raise GptDeployError(f"onnxruntime {ort.__version__} could not start TensorrtExecutionProvider on GPU "
+                                 f"{self.device_id}: {provider_problem()}; it offered {session.get_providers()}")
 
     def describe(self) -> str:
         return f"{self.name} (TensorrtExecutionProvider, {self.precision}, engines in {self.cache_dir})"

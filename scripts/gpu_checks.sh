@@ -3,8 +3,10 @@
 #
 #     bash scripts/gpu_checks.sh [RESULTS_DIR]
 #
-# Installs gptdeploy with its gpu and trt extras into the current Python environment (a CUDA build
-# of torch, onnxruntime-gpu in place of onnxruntime, TensorRT from NVIDIA's package index), then runs
+# Installs gptdeploy with its gpu and ort-trt extras into the current Python environment (a CUDA build
+# of torch, onnxruntime-gpu in place of onnxruntime, and TensorRT 10 from NVIDIA's package index: the
+# version onnxruntime-gpu's TensorRT provider links, libnvinfer.so.10; the trt runtime runs on it too),
+# then runs
 #   1. the GPU tests (pytest -m gpu),
 #   2. parity of ort-cuda, trt and ort-trt against torch, fp32 and fp16,
 #   3. the benchmark of hf, torch, ort-cuda, trt and ort-trt on gpt2 (random weights), fp32 and fp16,
@@ -13,7 +15,8 @@
 # does not stop the others; the script exits 1 if any step failed.
 #
 # Environment: PYTHON (default python), PARITY_SOURCE (default shakespeare, the packaged trained
-# model), SKIP_INSTALL=1 to use the environment as it is.
+# model), SKIP_INSTALL=1 to use the environment as it is, WHEELS=DIR to install from a folder of wheels
+# only (a machine without a network: copy onnxruntime-gpu, tensorrt-cu13 and their dependencies there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -33,13 +36,14 @@ step() {  # step NAME COMMAND...: runs COMMAND, its output into $OUT/NAME.txt, i
 }
 
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+    if [ -n "${WHEELS:-}" ]; then SOURCES=(--no-index --find-links "$WHEELS"); else
+        SOURCES=(--extra-index-url https://pypi.nvidia.com); fi
     # torch from PyPI is a CUDA build on Linux; keep the installed one if it already is
     "$PY" -c "import torch, sys; sys.exit(torch.version.cuda is None)" 2>/dev/null \
-        || step install-torch "$PY" -m pip install --force-reinstall torch
-    step install-extras "$PY" -m pip install --extra-index-url https://pypi.nvidia.com -e '.[test,gpu,trt]'
+        || step install-torch "$PY" -m pip install "${SOURCES[@]}" --force-reinstall torch
     # onnxruntime (CPU) and onnxruntime-gpu install the same module: keep only the GPU build
-    step install-ort-gpu bash -c "'$PY' -m pip uninstall -y onnxruntime onnxruntime-gpu \
-        && '$PY' -m pip install 'onnxruntime-gpu[cuda,cudnn]>=1.20'"
+    step remove-ort-cpu "$PY" -m pip uninstall -y onnxruntime onnxruntime-gpu
+    step install-extras "$PY" -m pip install "${SOURCES[@]}" -e '.[test,gpu,ort-trt]'
 fi
 
 # ONNX Runtime's TensorRT provider loads libnvinfer at run time: point the loader at the pip wheels' copy
@@ -63,7 +67,12 @@ except ImportError as e:
     print('tensorrt not importable:', e)
 from gptdeploy.runtimes.registry import RUNTIMES
 for name, spec in RUNTIMES.items():
-    print(f'runtime {name}:', spec.missing() or 'available')
+    print(f'runtime {name}:', '; '.join(spec.missing()) or 'available')
+try:
+    from gptdeploy.runtimes.ort_trt import provider_problem
+    print('ONNX Runtime TensorRT provider:', provider_problem())
+except ImportError as e:
+    print('ONNX Runtime TensorRT provider: not importable:', e)
 EOF"
 
 step pytest-gpu "$PY" -m pytest -m gpu -rs -v --junitxml="$OUT/pytest-gpu.xml" tests

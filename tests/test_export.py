@@ -87,7 +87,7 @@ def test_folder_layout_and_manifest(tiny_export, tiny):
     manifest = json.loads((folder / "gptdeploy.json").read_text())
     assert manifest == tiny_export.manifest
     assert manifest["format"] == "gptdeploy-export" and manifest["format_version"] == 1
-    assert manifest["source"] == {"source": "tiny", "origin": tiny.origin, "sha256": tiny.fingerprint}
+    assert manifest["source"] == {"source": "tiny", "origin": tiny.origin, "sha256": tiny.fingerprint, "random_seed": 0}
     assert manifest["config"] == tiny.config.to_dict()
     assert manifest["precision"] == "fp32" and manifest["opset"] == 18
     assert set(manifest["versions"]) == {"gptdeploy", "torch", "onnx", "onnxscript", "onnxruntime"}
@@ -427,6 +427,7 @@ def test_unwritable_opsets_are_refused(opset):
 def test_default_out_dir(tmp_path):
     assert default_out_dir("gpt2", "fp32") == Path("gpt2-onnx")
     assert default_out_dir("gpt2", "fp16") == Path("gpt2-onnx-fp16")
+    assert default_out_dir("gpt2", "fp32", random=True) == Path("gpt2-random-onnx")
     (tmp_path / "shakespeare-char").mkdir()
     (tmp_path / "shakespeare-char" / "ckpt.pt").write_bytes(b"")
     assert default_out_dir(str(tmp_path / "shakespeare-char" / "ckpt.pt"), "fp32") == Path("shakespeare-char-onnx")
@@ -451,11 +452,10 @@ def test_cli_export_replaces_with_force_optimizes_and_reports(tiny_export, tmp_p
 
 
 def test_cli_default_out_dir_is_named_after_the_source(tmp_path):
-    (tmp_path / "tiny-onnx").mkdir()
-    (tmp_path / "tiny-onnx" / "x").write_text("")
-    result = subprocess.run([sys.executable, "-m", "gptdeploy", "export", "tiny", "--random"], cwd=tmp_path,
-                            capture_output=True, text=True)
-    assert_one_line_error(result, "tiny-onnx already exists; pass --force")
+    """With --random the name says so: random weights must not pass for trained ones."""
+    (tmp_path / "tiny-random-onnx").mkdir()
+    (tmp_path / "tiny-random-onnx" / "x").write_text("")
+    assert_one_line_error(run_cli("export", "tiny", "--random", cwd=tmp_path), "tiny-random-onnx already exists")
 
 
 def unwritable_folder(tmp_path) -> Path:

@@ -56,8 +56,10 @@ from gptdeploy.app.bench_worker import Worker, WorkerFailed
 from gptdeploy.app.machine import describe_machine, library_versions, load_average, measure_read_bandwidth
 from gptdeploy.config import GPTConfig
 from gptdeploy.environment import available_memory_bytes
-from gptdeploy.errors import GptDeployError
-from gptdeploy.export_folder import is_export_folder, now, read_export
+from gptdeploy.app.export_cache import ExportCache
+from gptdeploy.app.sources import Checkpoint, checkpoint_of
+from gptdeploy.errors import GptDeployError, WeightsUnavailable
+from gptdeploy.export_folder import is_export_folder, now, read_export, verify
 from gptdeploy.files import write_atomic
 from gptdeploy.precision import CHECKPOINT, PRECISIONS
 from gptdeploy.runtimes.registry import RUNTIMES, unavailable_reason
@@ -77,6 +79,9 @@ class ModelUnderTest:
     weights: str  # where the weights come from, in words
     export_folder: str | None  # the source itself when it is an export folder
     precision: str  # of the export folder, or the one asked for (fp32 by default)
+    checkpoint: Checkpoint | None = None  # what torch and hf load (None: they cannot run, see checkpoint_problem)
+    checkpoint_problem: str | None = None
+    notes: tuple[str, ...] = ()  # said first in the report: random weights in place of unavailable ones
 
     @property
     def parameters(self) -> int:
@@ -96,18 +101,39 @@ class ModelUnderTest:
 
 
 def model_under_test(settings: BenchSettings) -> ModelUnderTest:
-    """The source's architecture, checked before any runtime starts (a bad source is one error)."""
+    """The source's architecture and what each kind of runtime runs, checked before any runtime starts (a bad
+    source is one error).
+
+    An export folder: the ONNX runtimes run it; torch and hf the checkpoint it was exported from, while that
+    is there with the same weights. A preset whose trained weights cannot be had (no network, not cached):
+    seeded random weights, said in the report's notes; timings do not depend on the weights' values.
+    """
+    from gptdeploy.loading import load
+
     if is_export_folder(Path(settings.source)):
         folder = read_export(settings.source)
+        verify(folder, memo=ExportCache().memo())
         if settings.precision not in (None, folder.precision):
             raise GptDeployError(f"{settings.source} is a {folder.precision} export; it cannot run in "
                                  f"{settings.precision}")
-        origin = folder.manifest.get("source", {}).get("origin", "unknown")
-        return ModelUnderTest(folder.config, f"export folder ({origin})", str(folder.path), folder.precision)
-    from gptdeploy.loading import load
-
-    loaded = load(settings.source, weights="random" if settings.random_weights else None, seed=settings.seed)
-    return ModelUnderTest(loaded.config.to_dict(), loaded.origin, None, settings.precision or "fp32")
+        checkpoint, problem = None, None
+        if any(RUNTIMES[split_runtime(n)[0]].runs == CHECKPOINT for n in settings.runtimes):
+            try:
+                checkpoint = checkpoint_of(folder)
+            except GptDeployError as e:
+                problem = str(e)
+        origin = folder.source.get("origin", "unknown")
+        return ModelUnderTest(folder.config, f"export folder ({origin})", str(folder.path), folder.precision,
+                              checkpoint, problem)
+    notes = []
+    try:
+        loaded = load(settings.source, weights="random" if settings.random_weights else None, seed=settings.seed)
+    except WeightsUnavailable as e:
+        loaded = load(settings.source, weights="random", seed=settings.seed)
+        notes.append(f"{settings.source}'s trained weights are not here ({e}); measuring seeded random weights "
+                     f"(seed {settings.seed}) instead: timings do not depend on the weights' values")
+    return ModelUnderTest(loaded.config.to_dict(), loaded.origin, None, settings.precision or "fp32",
+                          Checkpoint(settings.source, loaded.random_seed), None, tuple(notes))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,9 +180,13 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
     """Measures every runtime of settings; returns the report (a JSON-able dict, see the module doc).
 
     progress: an object with start(name, total) -> update(text, advance) and finish(name, status), e.g.
-    gptdeploy.app.bench_report.BenchProgress.
+    gptdeploy.app.bench_report.BenchProgress. When no runtime named can run here, GptDeployError with one line
+    per runtime saying what it lacks, before anything loads.
     """
     settings.check()
+    lacking = {name: reason for name in settings.runtimes if (reason := unavailable_reason(split_runtime(name)[0]))}
+    if len(lacking) == len(settings.runtimes):
+        raise GptDeployError("\n".join(f"runtime {name!r} cannot run here: {reason}" for name, reason in lacking.items()))
     return _BenchRun(settings, progress or NoProgress()).run()
 
 
@@ -175,7 +205,9 @@ class _BenchRun:
         self.load_start = load_average()
         self.machine = describe_machine()
         threads = settings.threads or self.machine["physical_cores"]
-        self.used = BenchSettings(**{**asdict(settings), "threads": threads, "precision": self.model.precision})
+        random_weights = settings.random_weights or bool(self.model.notes)  # random in place of unavailable ones
+        self.used = BenchSettings(**{**asdict(settings), "threads": threads, "precision": self.model.precision,
+                                     "random_weights": random_weights})
         self.rows: dict[str, dict] = {}  # runtime -> its row, once it is unavailable, failed or measured
         self.workers: dict[str, Worker] = {}
         self.updates: dict = {}  # runtime -> its progress update function
@@ -197,6 +229,11 @@ class _BenchRun:
         for name in self.settings.runtimes:
             if reason := _unavailable_reason(name, self.model):
                 self.rows[name] = {"runtime": name, "status": UNAVAILABLE, "reason": reason}
+        if len(self.rows) == len(self.settings.runtimes):  # nothing to measure here: say why, one line each
+            raise GptDeployError("\n".join(f"runtime {name!r} cannot run on {self.settings.source}: {row['reason']}"
+                                           for name, row in self.rows.items()))
+        for note in self.model.notes:
+            self.progress.note(note)
         self._export()
         try:
             self._set_up()
@@ -243,11 +280,20 @@ class _BenchRun:
             self.updates[name]("set-up", 0)
             folder = self.export.get("folder") if _needs_export(name) else None
             try:
-                self.workers[name] = Worker("runtime", (self.used, name, _runtime_device(name, self.used), folder),
-                                            s.isolate)
+                self.workers[name] = Worker("runtime", (self._settings_for(name), name,
+                                                        _runtime_device(name, self.used), folder), s.isolate)
                 self.updates[name]("set up", 1)
             except WorkerFailed as e:
                 self._failed(name, e)
+
+    def _settings_for(self, name: str) -> BenchSettings:
+        """The settings a runtime's worker loads with: torch and hf load the checkpoint of an export folder."""
+        checkpoint = self.model.checkpoint
+        if _needs_export(name) or checkpoint is None or not self.model.export_folder:
+            return self.used
+        return BenchSettings(**{**asdict(self.used), "source": checkpoint.source,
+                                "random_weights": checkpoint.random_seed is not None,
+                                "seed": checkpoint.random_seed or 0})
 
     def _failed(self, name: str, e: WorkerFailed) -> None:
         self.rows[name] = e.row(name)
@@ -321,6 +367,7 @@ class _BenchRun:
         return {
             "format": REPORT_FORMAT, "format_version": REPORT_VERSION, "created": now(),
             "settings": {**asdict(self.used), "runtimes": list(settings.runtimes), "batches": list(settings.batches)},
+            "notes": list(model.notes),
             "model": {"source": settings.source, "weights": model.weights, "config": model.config,
                       "parameters": model.parameters, "precision": model.precision,
                       "weight_bytes_per_decode_step": model.weight_bytes_per_step(model.precision)},
@@ -350,8 +397,8 @@ def _unavailable_reason(name: str, model: ModelUnderTest) -> str | None:
     spec = RUNTIMES[runtime]
     if missing := unavailable_reason(runtime):
         return missing
-    if spec.runs == CHECKPOINT and model.export_folder:
-        return f"runs a checkpoint, and {model.export_folder} is an export folder (ONNX graphs only)"
+    if spec.runs == CHECKPOINT and model.export_folder and model.checkpoint is None:
+        return f"runs a checkpoint: {model.checkpoint_problem}"
     if spec.runs != CHECKPOINT and model.precision not in ("fp32", "fp16"):
         return f"ONNX exports are fp32 or fp16, not {model.precision}"
     if variant and model.precision != "fp32":

@@ -43,7 +43,7 @@ def summary_lines(report: dict) -> list[str]:
     load = f"load average {loads[0][0]} at start, {loads[1][0]} at end" if all(loads) else ""
     bw = report["memory_bandwidth"]
     weights_mb = m["weight_bytes_per_decode_step"] / 1e6
-    lines = [
+    lines = [f"note: {note}" for note in report.get("notes", [])] + [
         f"gptdeploy {report['versions'].get('gptdeploy', '')} bench · {report['created']}",
         f"model: {m['source']} · {m['weights']} · {m['parameters'] / 1e6:.1f}M parameters · {m['precision']}",
         f"settings: prompt {s['prompt_len']} tokens · {s['new_tokens']} new tokens · batch "

@@ -18,15 +18,20 @@ import typer
 
 from gptdeploy.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, GptDeployError, RuntimeFailed
 from gptdeploy.progress import Progress
+from gptdeploy.runtimes.registry import RUNTIMES
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # plain help: flags as flags, SOURCE as SOURCE
     pretty_exceptions_enable=False,
     help="Take a GPT from PyTorch to ONNX, ONNX Runtime and TensorRT, and prove every runtime computes the same model.",
 )
 
-SourceArg = Annotated[str, typer.Argument(help="Preset name (gpt2, tiny, ...), Hugging Face folder or nanoGPT ckpt.pt.")]
-RandomOpt = Annotated[bool, typer.Option("--random", help="Use the preset's architecture with random weights.")]
+SourceArg = Annotated[str, typer.Argument(
+    help="Preset name (gpt2, shakespeare, tiny, ...), Hugging Face folder or nanoGPT ckpt.pt; or an export folder.",
+    metavar="SOURCE")]
+RandomOpt = Annotated[bool, typer.Option("--random", help="Use the preset's architecture with random weights.",
+                                         metavar="")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the random weights.")]
 
 
@@ -37,12 +42,13 @@ def _root():
 
 @app.command()
 def export(
-    source: SourceArg,
+    source: SourceArg = "gpt2",
     out: Annotated[Path | None, typer.Option(
-        "--out", help="Export folder. Default: ./NAME-onnx (./NAME-onnx-fp16 for fp16), NAME the preset or checkpoint's folder.",
+        "--out", help="Export folder. Default: ./NAME-onnx (./NAME-onnx-fp16 for fp16, ./NAME-random-onnx with "
+                      "--random), NAME the preset or checkpoint's folder.",
         show_default=False)] = None,
     precision: Annotated[str, typer.Option(help="fp32, or fp16 (LayerNorms and logits stay fp32).")] = "fp32",
-    opset: Annotated[int | None, typer.Option(help="ONNX opset of the graphs.  \\[default: 18]", show_default=False)] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset of the graphs.  [default: 18]", show_default=False)] = None,
     random: RandomOpt = False,
     seed: SeedOpt = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export folder.")] = False,
@@ -51,7 +57,7 @@ def export(
     optimize: Annotated[bool, typer.Option("--optimize", help="Also write ONNX Runtime variants beside model.onnx "
                                            "(gptdeploy optimize; --variants picks them).")] = False,
     variants: Annotated[str | None, typer.Option(
-        help="With --optimize: the variants, comma-separated, of fp32-fused, fp16, int8, q4.  \\[default: "
+        help="With --optimize: the variants, comma-separated, of fp32-fused, fp16, int8, q4.  [default: "
              "fp32-fused,int8,q4]", show_default=False)] = None,
 ):
     """Export to an ONNX model folder (graphs with and without KV cache), validated in ONNX Runtime."""
@@ -61,7 +67,7 @@ def export(
     from gptdeploy.exporters.onnx_export import DEFAULT_OPSET, check_opset, check_precision
     from gptdeploy.loading import load
 
-    out = out or default_out_dir(source, precision)
+    out = out or default_out_dir(source, precision, random)
     check_precision(precision)  # bad arguments fail before the model loads
     check_opset(DEFAULT_OPSET if opset is None else opset)
     check_destination(out.absolute(), force)
@@ -79,11 +85,12 @@ def export(
             print(f"TensorRT {name} engine: {out / entry['file']}")
 
 
-def default_out_dir(source: str, precision: str) -> Path:
-    """./NAME-onnx in the current folder (NAME-onnx-fp16 for fp16): NAME is the preset, or the folder of the checkpoint."""
+def default_out_dir(source: str, precision: str, random: bool = False) -> Path:
+    """./NAME-onnx in the current folder (NAME-onnx-fp16 for fp16, NAME-random-onnx for random weights, which
+    must not pass for the trained ones): NAME is the preset, or the folder of the checkpoint."""
     path = Path(source).expanduser()
     name = path.resolve().parent.name if path.is_file() else (path.resolve().name if path.exists() else source)
-    return Path(f"{name}-onnx" + ("-fp16" if precision == "fp16" else ""))
+    return Path(f"{name}{'-random' if random else ''}-onnx" + ("-fp16" if precision == "fp16" else ""))
 
 
 def _print_export(source: str, out: Path, result) -> None:
@@ -216,33 +223,78 @@ def verify(folder: Annotated[Path, typer.Argument(help="An export folder.")]):
 
 
 @app.command()
-def info(source: SourceArg, random: RandomOpt = False, seed: SeedOpt = 0):
-    """Print the architecture, parameter count, tokenizer and where the weights came from."""
+def info(source: SourceArg = "gpt2", random: RandomOpt = False, seed: SeedOpt = 0):
+    """Print the architecture, parameter count, tokenizer and where the weights came from; for an export
+    folder, its manifest: source, precision, graphs, variants, engines, validation and sizes."""
     from rich.console import Console
     from rich.table import Table
 
-    from gptdeploy.loading import load
+    from gptdeploy.export_folder import is_export_folder, read_export
 
-    loaded = load(source, weights="random" if random else None, seed=seed, progress=Progress())
-    cfg = loaded.config
     table = Table(title=f"{source}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
-    for key, value in cfg.to_dict().items():
-        table.add_row(key, str(value))
-    table.add_row("parameters", f"{loaded.model.num_params():,}")
-    table.add_row("tokenizer", f"{loaded.tokenizer.name} ({loaded.tokenizer.vocab_size} tokens)")
-    table.add_row("weights", loaded.origin)
+    if is_export_folder(source):
+        rows = _export_rows(read_export(source))
+    else:
+        from gptdeploy.loading import load
+
+        loaded = load(source, weights="random" if random else None, seed=seed, progress=Progress())
+        rows = [*((k, str(v)) for k, v in loaded.config.to_dict().items()),
+                ("parameters", f"{loaded.model.num_params():,}"),
+                ("tokenizer", f"{loaded.tokenizer.name} ({loaded.tokenizer.vocab_size} tokens)"),
+                ("weights", loaded.origin)]
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
+
+
+def _export_rows(folder) -> list[tuple[str, str]]:
+    """An export folder's manifest, as the rows of `info`."""
+    from gptdeploy.config import GPTConfig
+
+    m = folder.manifest
+
+    def size(relative) -> str:
+        path = folder.path / relative
+        return f"{path.stat().st_size / 1e6:,.1f} MB" if path.is_file() else "missing"
+
+    config = GPTConfig.from_dict(m["config"])
+    rows = [("export of", f"{folder.source.get('source')} ({folder.source.get('origin')})"),
+            ("weights sha256", str(folder.source.get("sha256"))),
+            ("architecture", f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context "
+                             f"{config.block_size}, vocabulary {config.vocab_size}"),
+            ("parameters", f"{config.num_params:,}"),
+            ("precision", f"{m['precision']}, opset {m.get('opset')}"),
+            ("tokenizer", f"{m['tokenizer']['type']} ({m['tokenizer'].get('vocab_size')} tokens), "
+                          f"{m['tokenizer']['file']}"),
+            ("created", f"{m.get('created')} by gptdeploy {m.get('gptdeploy_version')}")]
+    for role, spec in m["graphs"].items():
+        data = f", weights in {spec['external_data']}" if spec.get("external_data") else ""
+        rows.append((f"graph {role}", f"{spec['file']} ({size(spec['file'])}{data})"))
+    for name, entry in folder.variants.items():
+        rows.append((f"variant {name}", f"{entry['file']} ({size(entry['file'])}, {entry['precision']}, KV cache "
+                                        f"{entry.get('kv_cache')})"))
+    for name, entry in folder.engines.items():
+        rows.append((f"engine {name}", f"{entry['file']} (TensorRT {entry.get('tensorrt')}, {entry.get('gpu')})"))
+    v = m.get("validation", {})
+    if v:
+        rows.append(("validation", f"{'passed' if v.get('passed') else 'FAILED'} against {v.get('reference')}: max "
+                                   f"|logits diff| {v.get('max_abs_diff', float('nan')):.2g}, max relative "
+                                   f"{v.get('max_rel_diff', float('nan')):.2g}"))
+    total = sum((folder.path / f).stat().st_size for f in m["files"] if (folder.path / f).is_file())
+    rows.append(("files", f"{len(m['files'])} ({total / 1e6:,.1f} MB); gptdeploy verify {folder.path} checks them"))
+    return rows
 
 
 @app.command()
 def generate(
-    source: Annotated[str, typer.Argument(help="An export folder, or a preset, Hugging Face folder or nanoGPT ckpt.pt.")],
+    source: SourceArg = "gpt2",
     runtime: Annotated[str | None, typer.Option(
-        help="torch, ort or ort-cuda (default: ort for an export folder or a variant, torch otherwise).")] = None,
+        help=f"One of {', '.join(RUNTIMES)} (default: ort for an export folder or a variant, torch otherwise).")
+    ] = None,
     prompt: Annotated[list[str] | None, typer.Option(
-        help="Prompt text; repeat for a batch. Empty: start from end-of-text.")] = None,
+        help="Prompt text; repeat for a batch. Empty: start from end-of-text.", metavar="TEXT")] = None,
     prompt_ids: Annotated[str | None, typer.Option(help="The prompt as comma-separated token ids.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     greedy: Annotated[bool, typer.Option("--greedy", help="The most likely token at every step.")] = False,
@@ -277,12 +329,28 @@ def generate(
                                     threads=threads, weights="random" if random else None,
                                     weights_seed=weights_seed, progress=Progress())
     load_s = time.perf_counter() - start
+    if note := _random_weights_note(source, random, weights_seed):
+        print(note, file=sys.stderr)
     if json_output:
         _generate_json(source, runner, tokenizer, prompts, config, load_s)
     elif len(prompts) == 1:
         _generate_streaming(runner, tokenizer, prompts[0], config)
     else:
         _generate_batch(runner, tokenizer, prompts, config)
+
+
+def _random_weights_note(source: str, random: bool, seed: int) -> str | None:
+    """One line for stderr when the weights are random: their text means nothing."""
+    from gptdeploy.export_folder import is_export_folder, read_export
+
+    if random:
+        return f"note: {source} has random weights (GPT-2's initialisation, seed {seed}): its text means nothing"
+    if is_export_folder(source):
+        recorded = read_export(source).source
+        if recorded.get("random_seed") is not None or str(recorded.get("origin", "")).startswith("random weights"):
+            return (f"note: {source} was exported from {recorded.get('source')} with {recorded.get('origin')}: its "
+                    f"text means nothing")
+    return None
 
 
 def _prompts(prompt: list[str] | None, prompt_ids: str | None) -> list:
@@ -371,22 +439,21 @@ def _generate_json(source, runner, tokenizer, prompts, config, load_s: float) ->
 
 @app.command()
 def parity(
-    source: Annotated[str, typer.Argument(
-        help="A preset, Hugging Face folder or nanoGPT ckpt.pt; or an export folder (with --reference ort).")],
+    source: SourceArg = "gpt2",
     runtimes: Annotated[str, typer.Option(
         help="Runtimes to check against the reference, comma-separated: torch, ort, ort-cuda, trt, ort-trt, ...")
     ] = "torch,ort",
     precision: Annotated[str | None, typer.Option(
         help="Their precisions, comma-separated: fp32, fp16, bf16 (torch), or an export's variant (int8, q4, "
-             "fp32-fused); each runtime runs in each.  \\[default: fp32; an export folder's own]",
+             "fp32-fused); each runtime runs in each.  [default: fp32; an export folder's own]",
         show_default=False)] = None,
     reference: Annotated[str, typer.Option(help="The reference, RUNTIME[:PRECISION].")] = "torch:fp32",
     export: Annotated[Path | None, typer.Option(
-        help="The export folder the checked ONNX runtimes run (the reference runs SOURCE).  \\[default: SOURCE "
+        help="The export folder the checked ONNX runtimes run (the reference runs SOURCE).  [default: SOURCE "
              "exported into the export cache]",
         show_default=False)] = None,
     prompts: Annotated[Path | None, typer.Option(
-        help="A text file with one prompt per line.  \\[default: 4 built-in prompts]", show_default=False)] = None,
+        help="A text file with one prompt per line.  [default: 4 built-in prompts]", show_default=False)] = None,
     steps: Annotated[int, typer.Option(help="Decode steps after the prefill, with the KV cache.")] = 8,
     greedy_tokens: Annotated[int, typer.Option(help="Tokens each runtime generates greedily on its own.")] = 32,
     tol: Annotated[list[str] | None, typer.Option(
@@ -396,7 +463,7 @@ def parity(
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file.",
                                                    show_default=False)] = None,
     device: Annotated[str | None, typer.Option(
-        help="Device of the checkpoint runtimes (torch): cpu or cuda\\[:N].  \\[default: cpu]",
+        help="Device of the checkpoint runtimes (torch): cpu or cuda[:N].  [default: cpu]",
         show_default=False)] = None,
     random: RandomOpt = False,
     seed: SeedOpt = 0,
@@ -464,7 +531,7 @@ def _int_list(option: str, text: str) -> tuple[int, ...]:
 
 @app.command()
 def bench(
-    source: Annotated[str, typer.Argument(help="A preset, Hugging Face folder or nanoGPT ckpt.pt; or an export folder.")],
+    source: SourceArg = "gpt2",
     runtime: Annotated[str, typer.Option(
         help="Runtimes to measure, comma-separated: hf, torch, ort, ort-cuda, trt, ort-trt; ort:VARIANT runs an ONNX "
              "Runtime variant (ort:q4).")] = "hf,torch,ort",
@@ -474,12 +541,12 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed rounds per batch size before the timed ones.")] = 1,
     repeat: Annotated[int, typer.Option(help="Timed rounds per batch size; figures are their medians.")] = 3,
     threads: Annotated[int, typer.Option(
-        help="Intra-op threads of torch and ONNX Runtime.  \\[default: one per physical core]", show_default=False)] = 0,
+        help="Intra-op threads of torch and ONNX Runtime.  [default: one per physical core]", show_default=False)] = 0,
     precision: Annotated[str | None, typer.Option(
-        help="fp32, fp16 or bf16 (torch and hf; ONNX runtimes run fp32 or fp16 exports).  \\[default: fp32, or an "
+        help="fp32, fp16 or bf16 (torch and hf; ONNX runtimes run fp32 or fp16 exports).  [default: fp32, or an "
              "export folder's own]", show_default=False)] = None,
     device: Annotated[str | None, typer.Option(
-        help="torch and hf: cpu or cuda\\[:N]; the GPU of ort-cuda, trt and ort-trt.  \\[default: cuda when PyTorch "
+        help="torch and hf: cpu or cuda[:N]; the GPU of ort-cuda, trt and ort-trt.  [default: cuda when PyTorch "
              "sees a GPU, else cpu]", show_default=False)] = None,
     optimization: Annotated[str, typer.Option(
         help="ONNX Runtime graph optimization level: disable, basic, extended, all.")] = "all",
@@ -636,11 +703,13 @@ def _silence_stdout() -> None:
 
 
 def _error(message: str, code: int, kind: str = "error") -> int:
+    """The message on stderr, each of its lines (one per runtime that cannot run, say) as an error line."""
     try:
         sys.stdout.flush()
     except OSError:
         _silence_stdout()
-    print(f"gptdeploy: {kind}: {message}", file=sys.stderr)
+    for line in message.splitlines() or [""]:
+        print(f"gptdeploy: {kind}: {line}", file=sys.stderr)
     return code
 
 

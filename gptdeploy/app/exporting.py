@@ -89,8 +89,7 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, *, precision: str = "
                 onnx_export.check_graphs(tmp, specs)
             manifest = {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "gptdeploy_version": gptdeploy.__version__,
-                "created": now(), "source": {"source": loaded.source, "origin": loaded.origin,
-                                             "sha256": loaded.fingerprint},
+                "created": now(), "source": loaded.source_record(),
                 "config": loaded.config.to_dict(), "precision": precision, "opset": opset,
                 "versions": onnx_export.versions(), "tokenizer": tokenizer_spec,
                 "fp16_kept_in_fp32": onnx_export.graphs.FP16_KEPT_IN_FP32 if precision == "fp16" else [],

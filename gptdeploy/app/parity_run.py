@@ -20,10 +20,10 @@ from gptdeploy.app.generation import prepare_prompts
 from gptdeploy.app.parity import (
     DEFAULT_GREEDY_TOKENS, DEFAULT_STEPS, ReferenceRecord, RuntimeResult, compare, record_reference,
 )
-from gptdeploy.app.sources import open_runner
+from gptdeploy.app.sources import Checkpoint, checkpoint_of, open_runner
 from gptdeploy.compare import METRICS
-from gptdeploy.errors import GptDeployError
-from gptdeploy.export_folder import is_export_folder, now, read_export
+from gptdeploy.errors import GptDeployError, WeightsUnavailable
+from gptdeploy.export_folder import is_export_folder, now, read_export, verify
 from gptdeploy.files import write_atomic
 from gptdeploy.precision import CHECKPOINT, canonical
 from gptdeploy.progress import QUIET, Progress
@@ -70,6 +70,18 @@ def parse_reference(spec: str) -> Target:
     return Target(runtime, precision or None)
 
 
+def _require_all(names: list[str]) -> None:
+    """Every runtime named must run here; else one line per runtime that cannot, saying what it lacks."""
+    from gptdeploy.runtimes.registry import spec_of, unavailable_reason
+
+    for name in names:
+        spec_of(name)  # an unknown name first, on its own
+    lacking = {name: reason for name in dict.fromkeys(names) if (reason := unavailable_reason(name))}
+    if lacking:
+        raise GptDeployError("\n".join(f"runtime {name!r} cannot run on this machine: {reason}"
+                                       for name, reason in lacking.items()))
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """A prompts file: one prompt per line; empty lines are skipped."""
     try:
@@ -89,45 +101,57 @@ def run_parity(source: str, targets: Sequence[Target], *, reference: Target = Ta
                cache: ExportCache | None = None, progress: Progress = QUIET) -> ParityReport:
     """Records the reference on `source`, then runs and checks every target against it, one at a time.
 
-    source: anything gptdeploy.load takes, or an export folder (then the reference must be an ONNX
-        runtime). An ONNX runtime runs source itself when it is an export folder, or the checkpoint
-        exported into the export cache (gptdeploy.app.export_cache).
-    export: an export folder that the checked ONNX runtimes run instead (the reference still runs source).
+    source: anything gptdeploy.load takes, or an export folder: its ONNX graphs for the ONNX runtimes, and
+        for torch and hf the checkpoint it was exported from, while that is there with the same weights.
+        A preset whose trained weights cannot be had (no network, not cached) runs with random weights,
+        and the report's notes say so: comparing runtimes does not depend on the weights' values.
+    export: an export folder that the checked ONNX runtimes run instead of source's export.
     tolerances: overrides of the defaults, for every target.
     A target that is the reference itself is not run again; the report's notes say so.
     """
-    for target in (reference, *targets):
-        require(target.runtime)  # unknown or unavailable: one line before anything loads
-    source_is_folder = is_export_folder(Path(source))
-    if source_is_folder and require(reference.runtime).runs == CHECKPOINT:
-        raise GptDeployError(
-            f"{source} is an export folder, which the {reference.runtime} reference cannot run; pass the checkpoint "
-            f"or preset it was exported from as SOURCE and the folder with --export, or compare against "
-            f"--reference ort")
+    _require_all([reference.runtime, *(t.runtime for t in targets)])
     if export is not None and not is_export_folder(Path(export)):
         raise GptDeployError(f"--export {export}: not a gptdeploy export folder (no gptdeploy.json)")
+    for folder in {str(f) for f in (source, export) if f is not None and is_export_folder(Path(f))}:
+        verify(read_export(folder), memo=(cache or ExportCache()).memo())  # tampering: said before any work
+    notes: list[str] = []
+    checkpoint = Checkpoint(str(source), weights_seed if weights == "random" else None)
+    if is_export_folder(Path(source)):
+        runs = [reference.runtime, *(t.runtime for t in targets)]
+        if any(require(name).runs == CHECKPOINT for name in runs):
+            checkpoint = checkpoint_of(read_export(source), progress)
+            notes.append(f"torch and hf run {checkpoint.source}, the checkpoint {source} was exported from")
 
     def resolved(t: Target, is_reference: bool = False) -> tuple[str, str, str | None, str]:
         """(runtime, precision, device, what it runs) with the defaults filled in."""
         if require(t.runtime).runs == CHECKPOINT:
-            return t.runtime, t.precision or "fp32", t.device or "cpu", str(source)
-        folder = str(export) if export is not None and not is_reference else str(source)
+            return t.runtime, t.precision or "fp32", t.device or "cpu", checkpoint.source
+        folder = str(source) if is_reference or export is None else str(export)
         default = read_export(folder).precision if is_export_folder(Path(folder)) else "fp32"
         return t.runtime, t.precision or default, None, folder
 
     def open_target(t: Target, is_reference: bool = False):
         runtime, precision, device, where = resolved(t, is_reference)
-        return open_runner(runtime, where, precision=t.precision, device=device, weights=weights,
-                           weights_seed=weights_seed, cache=cache, progress=progress)
+        return open_runner(runtime, where, precision=t.precision, device=device, weights=checkpoint.weights,
+                           weights_seed=checkpoint.random_seed or 0, cache=cache, progress=progress)
 
     the_reference = resolved(reference, is_reference=True)
     same = " ".join(the_reference[:2])
-    notes = [f"{same} is the reference; not compared with itself"] if any(
-        resolved(t) == the_reference for t in targets) else []
+    if any(resolved(t) == the_reference for t in targets):
+        notes.append(f"{same} is the reference; not compared with itself")
     targets = [t for t in targets if resolved(t) != the_reference]
     if not targets:
         raise GptDeployError(f"nothing to compare: {same} is the reference; name other runtimes or precisions")
-    runner, tokenizer = open_target(reference, is_reference=True)
+    try:
+        runner, tokenizer = open_target(reference, is_reference=True)
+    except WeightsUnavailable as e:
+        if checkpoint.random_seed is not None:
+            raise
+        checkpoint = Checkpoint(checkpoint.source, weights_seed)
+        notes.insert(0, f"{checkpoint.source}'s trained weights are not here ({e}); seeded random weights (seed "
+                        f"{weights_seed}) instead: comparing runtimes does not depend on the weights' values")
+        progress.note(f"note: {notes[0]}")
+        runner, tokenizer = open_target(reference, is_reference=True)
     # prompts that do not fit are bad input: refused before any work starts
     prepare_prompts(tokenizer, list(prompts), runner.info.vocab_size, runner.info.block_size, max(steps, greedy_tokens))
     with progress.step(f"Recording the reference, {runner.describe()}"), progress.bar() as bar:

@@ -14,6 +14,7 @@ resolved once, by gptdeploy.precision.resolve.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from gptdeploy.app.export_cache import ExportCache
@@ -81,6 +82,53 @@ def _open_export_folder(spec: RuntimeSpec, folder: ExportFolder, precision, vari
     if resolved.variant is not None:
         folder.variant(resolved.variant)  # one clear error if the folder does not hold it
     return _open_folder(spec, folder, resolved, options, cache, progress), folder.tokenizer()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What gptdeploy.load takes to give a model's weights: a source, and random weights' seed if any."""
+
+    source: str
+    random_seed: int | None = None
+
+    @property
+    def weights(self) -> str | None:
+        return None if self.random_seed is None else "random"
+
+    def load(self, **options):
+        from gptdeploy.loading import load
+
+        return load(self.source, weights=self.weights, seed=self.random_seed or 0, **options)
+
+
+def checkpoint_of(folder: ExportFolder, progress: Progress = QUIET) -> Checkpoint:
+    """The checkpoint an export folder was made from, when it is still there with the same weights (sha256);
+    otherwise one GptDeployError that says what to pass instead."""
+    import re
+
+    from gptdeploy.loading import random_fingerprint
+    from gptdeploy.presets import PRESETS
+
+    recorded = folder.source
+    source, origin = str(recorded.get("source", "")), str(recorded.get("origin", "its checkpoint"))
+    seed = recorded.get("random_seed")
+    if seed is None and origin.startswith("random weights") and (found := re.search(r"seed (\d+)", origin)):
+        seed = int(found.group(1))  # exports made before the manifest recorded the seed
+    what = f"{folder.path} was exported from {source or 'an unknown source'} ({origin})"
+    advice = ("; pass the checkpoint or preset it was exported from as SOURCE and the folder with --export, or "
+              "compare ONNX runtimes only (--reference ort)")
+    if seed is not None:
+        if source in PRESETS and random_fingerprint(source, seed) == recorded.get("sha256"):
+            return Checkpoint(source, seed)
+        raise GptDeployError(f"{what}, whose random weights gptdeploy cannot make again{advice}")
+    checkpoint = Checkpoint(source)
+    try:
+        loaded = checkpoint.load(progress=progress)
+    except GptDeployError as e:
+        raise GptDeployError(f"{what}, which cannot be loaded now ({e}){advice}") from None
+    if loaded.fingerprint != recorded.get("sha256"):
+        raise GptDeployError(f"{what}, whose weights have changed since (their sha256 differs){advice}")
+    return checkpoint
 
 
 def _open_checkpoint(spec: RuntimeSpec, source, resolved: Resolved, options: OpenOptions, weights, weights_seed):
