@@ -99,8 +99,9 @@ def write_variant(fused, fusions: dict, name: str, folder: ExportFolder, staging
         "base": folder.manifest["graphs"][WITH_PAST]["file"],
         "kv_cache": KV_CONCAT if name == "fp16" else KV_SHARED_BUFFER,
         "execution_providers": ["CUDAExecutionProvider"] if name == "fp16" else ["CPUExecutionProvider"],
-        "optional_inputs": {LOGITS_TO_KEEP: "int64 scalar: logits of the last N positions only; 0 (the "
-                                            "default): every position"},
+        "logits_to_keep": {"initializer": LOGITS_TO_KEEP, "default": 0,
+                           "meaning": "int64 scalar: logits of the last N positions only; 0: every position; a "
+                                      "session overrides it with SessionOptions.add_initializer"},
         "fusions": {k: v for k, v in fusions.items() if v},  # onnxscript's
         "passes": passes,  # gptdeploy's, after them
         "operators": operators,
@@ -286,7 +287,10 @@ def _logits_node(graph):
 
 
 def _add_logits_to_keep(model) -> None:
-    """num_logits_to_keep: an input with a default (an initializer of the same name), 0 = every position.
+    """num_logits_to_keep: an initializer, 0 = every position, that a session may override with another value
+    (onnxruntime.SessionOptions.add_initializer): 1 gives the last position's logits only, which saves the
+    lm_head on the others in a prefill. Not a graph input, so the graph's inputs are model.onnx's exactly
+    (an input with a default would make ONNX Runtime warn, at every load, that it cannot fold it).
 
     The lm_head reads hidden[:, -num_logits_to_keep:] (Slice from -0 = 0 keeps them all).
     """
@@ -294,10 +298,7 @@ def _add_logits_to_keep(model) -> None:
 
     graph = model.graph
     head = _logits_node(graph)
-    keep = ir.val(LOGITS_TO_KEEP, ir.DataType.INT64, ir.Shape([]),
-                  const_value=ir.tensor(np.array(0, np.int64), name=LOGITS_TO_KEEP))
-    graph.inputs.append(keep)
-    graph.register_initializer(keep)
+    keep = _constant(graph, LOGITS_TO_KEEP, np.array(0, np.int64))
     start = ir.node("Neg", [keep])
     starts = ir.node("Unsqueeze", [start.outputs[0], _constant(graph, "logits_axes_0", np.array([0], np.int64))])
     kept = ir.node("Slice", [head.inputs[0], starts.outputs[0],

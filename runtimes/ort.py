@@ -15,8 +15,10 @@ KV cache, two ways, as the graph allows (the manifest's variants.<name>.kv_cache
   per step. The capacity doubles (one copy) when a step needs more, up to block_size. A cache stays
   valid after later steps (they only write beyond its length); stepping from a cache that a later
   step has already extended copies it into fresh buffers first.
-With a variant, generation asks for the last position's logits only (num_logits_to_keep), which
-saves the lm_head on the others during the prefill.
+With a variant, generation asks for the last position's logits only, which saves the lm_head on the
+others during the prefill: the variant's num_logits_to_keep initializer (0: every position) is
+overridden with 1 in a session of its own (SessionOptions.add_initializer), made when a step first asks
+for the last position only; a step that wants every position runs in the session that keeps the default.
 
 Needs onnxruntime and numpy only (no torch, no onnx).
 """
@@ -89,22 +91,29 @@ class OrtCache:
 
 
 class _KvBuffers:
-    """The preallocated keys and values of a shared-buffer cache, and the IO binding that binds them.
+    """The preallocated keys and values of a shared-buffer cache, and the IO bindings that bind them.
 
     arrays: per layer key then value, each [batch, n_head, capacity, head_dim]; the OrtValues are views
-    of them (no copy), bound as both the past and the present of every step.
+    of them (no copy), bound as both the past and the present of every step, in each session that runs one.
     """
 
-    def __init__(self, session: ort.InferenceSession, arrays: list[np.ndarray], past: list[str], present: list[str]):
+    def __init__(self, arrays: list[np.ndarray], past: list[str], present: list[str]):
         self.arrays = arrays
         self.capacity = arrays[0].shape[2]
         self.filled = 0  # positions written by the steps so far
-        self.binding = session.io_binding()
-        self.binding.bind_output("logits", "cpu")  # first, so that get_outputs()[0] is the logits
-        for past_name, present_name, array in zip(past, present, arrays):
-            value = ort.OrtValue.ortvalue_from_numpy(array)
-            self.binding.bind_ortvalue_input(past_name, value)
-            self.binding.bind_ortvalue_output(present_name, value)
+        self._names = past, present
+        self._bindings: dict[int, ort.IOBinding] = {}
+
+    def binding(self, session: ort.InferenceSession) -> ort.IOBinding:
+        if id(session) not in self._bindings:
+            binding = session.io_binding()
+            binding.bind_output("logits", "cpu")  # first, so that get_outputs()[0] is the logits
+            for past_name, present_name, array in zip(*self._names, self.arrays):
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+                binding.bind_ortvalue_input(past_name, value)
+                binding.bind_ortvalue_output(present_name, value)
+            self._bindings[id(session)] = binding
+        return self._bindings[id(session)]
 
 
 @dataclass(frozen=True)
@@ -148,16 +157,31 @@ class OrtRunner(Runner):
         self._past_names = past_names(self.info.n_layer)
         self._present_names = present_names(self.info.n_layer)
         self._check_kv_cache()
-        try:
-            self.session = ort.InferenceSession(str(self.graph), session_config.session_options(),
-                                                providers=self._providers())
-        except Exception as e:  # ONNX Runtime's own errors: a file it cannot read as a graph
-            if not type(e).__module__.startswith("onnxruntime"):
-                raise
-            raise GptDeployError(f"ONNX Runtime cannot load {self.graph}: {_first_line(e)}") from None
+        # A variant whose num_logits_to_keep is an initializer runs last-position steps in a session that
+        # overrides it with 1; older variants took it as an input with a default (fed per step).
+        entry = self.folder.variants.get(variant, {}) if variant else {}
+        self._keep_initializer = "logits_to_keep" in entry
+        self._sessions: dict[bool, ort.InferenceSession] = {}
+        self.session = self._session(last_only=self._keep_initializer)
         self._check_session()
         self._logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
         self._keep = {n: ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)) for n in (0, 1)}
+
+    def _session(self, last_only: bool) -> ort.InferenceSession:
+        """The session for steps that want the last position's logits only, or every position's."""
+        key = last_only and self._keep_initializer
+        if key not in self._sessions:
+            options = self.session_config.session_options()
+            if key:
+                self._keep_one = ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
+                options.add_initializer(LOGITS_TO_KEEP, self._keep_one)
+            try:
+                self._sessions[key] = ort.InferenceSession(str(self.graph), options, providers=self._providers())
+            except Exception as e:  # ONNX Runtime's own errors: a file it cannot read as a graph
+                if not type(e).__module__.startswith("onnxruntime"):
+                    raise
+                raise GptDeployError(f"ONNX Runtime cannot load {self.graph}: {_first_line(e)}") from None
+        return self._sessions[key]
 
     @classmethod
     def open(cls, target: ExportFolder, options: OpenOptions = OpenOptions()) -> OrtRunner:
@@ -222,7 +246,8 @@ class OrtRunner(Runner):
         if self.role == NO_PAST and cache.length:
             raise ValueError(f"{self.graph.name} is the no-past graph: it runs a whole sequence from an empty "
                              f"cache, not a step after {cache.length} cached positions")
-        binding = self.session.io_binding()
+        session = self._session(last_only)
+        binding = session.io_binding()
         for name, array in zip(INPUTS, (input_ids, attention_mask, position_ids)):
             binding.bind_cpu_input(name, array)
         if self.role == WITH_PAST:
@@ -234,7 +259,7 @@ class OrtRunner(Runner):
             binding.bind_output(name, self.device_type, self.device_id)
         if self._logits_to_keep:
             binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep[int(last_only)])
-        self._run(binding)
+        self._run(session, binding)
         logits, *presents = binding.get_outputs()
         logits = logits.numpy()
         if last_only:
@@ -250,13 +275,14 @@ class OrtRunner(Runner):
         buffers = cache.buffers
         if buffers is None or buffers.filled != cache.length or buffers.capacity < needed:
             buffers = self._new_buffers(cache, needed)
-        binding = buffers.binding
+        session = self._session(last_only)
+        binding = buffers.binding(session)
         for name, array in zip(INPUTS, (input_ids, attention_mask, position_ids)):
             binding.bind_cpu_input(name, array)
         if self._logits_to_keep:
             binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep[int(last_only)])
         binding.bind_output("logits", "cpu")  # a fresh logits tensor: the last one belongs to the caller
-        self._run(binding)
+        self._run(session, binding)
         buffers.filled = needed
         logits = binding.get_outputs()[0].numpy()
         return StepOutput(logits[:, -1:] if last_only else logits, SharedCache(buffers, batch, needed))
@@ -269,7 +295,7 @@ class OrtRunner(Runner):
         if cache.buffers is not None:
             for new, old in zip(arrays, cache.buffers.arrays):
                 new[:, :, :cache.length] = old[:, :, :cache.length]
-        return _KvBuffers(self.session, arrays, self._past_names, self._present_names)
+        return _KvBuffers(arrays, self._past_names, self._present_names)
 
     def _token_by_token(self, input_ids, attention_mask, position_ids, cache: SharedCache, last_only) -> StepOutput:
         logits = []
@@ -280,9 +306,9 @@ class OrtRunner(Runner):
             cache = out.cache
         return StepOutput(logits[-1] if last_only else np.concatenate(logits, axis=1), cache)
 
-    def _run(self, binding) -> None:
+    def _run(self, session, binding) -> None:
         try:
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
         except Exception as e:  # ONNX Runtime failed on inputs the runner checked: the runtime failed
             if not type(e).__module__.startswith("onnxruntime"):
                 raise
@@ -290,6 +316,7 @@ class OrtRunner(Runner):
 
     def close(self) -> None:
         self.session = None
+        self._sessions.clear()
 
 
 def _first_line(e: Exception) -> str:

@@ -62,7 +62,7 @@ def test_every_variant_is_written_validated_and_recorded(optimized, lively):
         attention = "MultiHeadAttention" if name == "fp16" else "GroupQueryAttention"
         assert fused[f"com.microsoft.{attention}"] == n_layer
         assert entry["kv_cache"] == ("concat" if name == "fp16" else "shared-buffer")
-        assert LOGITS_TO_KEEP in entry["optional_inputs"]
+        assert entry["logits_to_keep"]["initializer"] == LOGITS_TO_KEEP
     for name in ("int8", "q4"):
         quant = folder.variants[name]["quantization"]
         assert (quant["bits"], quant["block_size"], quant["accuracy_level"]) == ({"int8": 8, "q4": 4}[name], 32, 4)
@@ -201,7 +201,11 @@ def test_shared_buffers_keep_the_cache_contract(optimized, lively):
     assert cache.buffers.capacity == lively.config.block_size
 
 
-def test_logits_to_keep_gives_the_last_position(optimized):
+def test_logits_to_keep_gives_the_last_position(optimized, capfd):
+    """The last position's logits from a session overriding the num_logits_to_keep initializer; every position's
+    from one that keeps it; the graph's inputs are model.onnx's, and ONNX Runtime loads it without a warning."""
+    import onnxruntime as ort
+
     runner = OrtRunner(optimized.folder, variant="q4")
     ids = np.array([[15496, 995, 11, 318]])
     mask, positions = np.ones_like(ids), np.arange(4)[None]
@@ -209,6 +213,13 @@ def test_logits_to_keep_gives_the_last_position(optimized):
     full, _ = runner.step(ids, mask, positions, runner.new_cache(1))
     assert last.shape == (1, 1, 50257) and full.shape == (1, 4, 50257)
     assert np.abs(last - full[:, -1:]).max() <= 1e-5
+    capfd.readouterr()
+    for entry in optimized.folder.variants.values():  # as an outside client loads it: default logging
+        session = ort.InferenceSession(str(optimized.folder.path / entry["file"]), providers=["CPUExecutionProvider"])
+        plain = ort.InferenceSession(str(optimized.folder.graph_path("with_past")), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == [i.name for i in plain.get_inputs()]
+        assert not session.get_overridable_initializers()
+    assert "appears in graph inputs" not in capfd.readouterr().err
 
 
 def test_a_cpu_variant_also_runs_as_the_plain_contract(optimized):
