@@ -1,8 +1,8 @@
-"""The Hugging Face side files of an export folder: config.json, generation_config.json and, for GPT-2's
-BPE, tokenizer.json with tokenizer_config.json.
+"""The side files of an export folder that outside clients read: config.json, generation_config.json and,
+for GPT-2's BPE, tokenizer.json with tokenizer_config.json and onnxruntime-genai's genai_config.json.
 
-Apps that load GPT-2 exports (Optimum, transformers.js, onnxruntime-genai's tooling) read the model's
-shape and special tokens from these, with the keys of transformers' GPT2Config.
+Apps that load GPT-2 exports (Optimum, transformers.js) read the model's shape and special tokens from
+config.json, with the keys of transformers' GPT2Config; onnxruntime-genai reads genai_config.json.
 """
 
 from __future__ import annotations
@@ -100,3 +100,39 @@ def hf_tokenizer_files(ranks: dict[bytes, int], eot_id: int, block_size: int) ->
               "unk_token": ENDOFTEXT, "add_prefix_space": False, "model_max_length": block_size,
               "clean_up_tokenization_spaces": False}
     return tokenizer, config
+
+
+def genai_config(config: GPTConfig, tokenizer: Tokenizer, graph_file: str, share_buffer: bool = False) -> dict:
+    """genai_config.json: onnxruntime-genai's "decoder" model type with the export contract's IO names.
+
+    graph_file: the graph it runs, relative to the folder (onnx/model.onnx, or a variant's).
+    share_buffer: past_present_share_buffer, for graphs whose past and present may be one preallocated
+        buffer (the variants with GroupQueryAttention); a graph that concatenates (model.onnx) takes False.
+    onnxruntime-genai's "gpt2" type does not fit: it expects the legacy combined past_%d inputs.
+    """
+    eot = tokenizer.eot_id
+    return {
+        "model": {
+            "type": "decoder",
+            "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
+            "context_length": config.block_size,
+            "vocab_size": config.vocab_size,
+            "decoder": {
+                "filename": graph_file,
+                "head_size": config.head_dim, "hidden_size": config.n_embd,
+                "num_attention_heads": config.n_head, "num_key_value_heads": config.n_head,
+                "num_hidden_layers": config.n_layer,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {
+            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": config.block_size,
+            "min_length": 0, "past_present_share_buffer": share_buffer, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+            "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
+            "early_stopping": True,
+        },
+    }

@@ -25,7 +25,7 @@ import gptdeploy
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import NO_PAST, PRECISION_SUFFIXES, WITH_PAST, graph_file, io_signature
 from gptdeploy.exporters import graphs
-from gptdeploy.exporters.hf_files import generation_config, hf_config, hf_tokenizer_files
+from gptdeploy.exporters.hf_files import generation_config, genai_config, hf_config, hf_tokenizer_files
 from gptdeploy.loading import LoadedModel
 from gptdeploy.model import GPT, LayerNorm
 from gptdeploy.progress import Progress, quiet_libraries
@@ -141,7 +141,8 @@ def save_graph(ir_model, path: Path) -> str | None:
 def write_side_files(loaded: LoadedModel, folder: Path, precision: str) -> dict:
     """config.json, generation_config.json and the tokenizer file(s); returns the manifest's tokenizer entry.
 
-    GPT-2 BPE also gets tokenizer.json and tokenizer_config.json, for transformers and transformers.js.
+    GPT-2 BPE also gets tokenizer.json and tokenizer_config.json, for transformers and transformers.js, and
+    genai_config.json for onnxruntime-genai (which needs tokenizer.json: a char-level model gets none).
     """
     tokenizer = loaded.tokenizer
     (folder / "config.json").write_text(json_text(hf_config(loaded.config, tokenizer, precision)))
@@ -157,6 +158,8 @@ def write_side_files(loaded: LoadedModel, folder: Path, precision: str) -> dict:
         hf_tokenizer, hf_tokenizer_config = hf_tokenizer_files(ranks, tokenizer.eot_id, loaded.config.block_size)
         (folder / "tokenizer.json").write_text(json_text(hf_tokenizer, indent=None), encoding="utf-8")
         (folder / "tokenizer_config.json").write_text(json_text(hf_tokenizer_config))
+        genai = genai_config(loaded.config, tokenizer, graph_file(WITH_PAST, precision))
+        (folder / "genai_config.json").write_text(json_text(genai))
     shutil.copyfile(source, folder / name)
     return {"type": kind, "file": name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
 

@@ -47,7 +47,7 @@ from gptdeploy.exporters.onnx_export import save_graph
 from gptdeploy.progress import quiet_libraries
 
 MS_DOMAIN = "com.microsoft"
-DEFAULT_VARIANTS = ("fp32-fused", "int8", "q4")  # the CPU ones; fp16 is for CUDA (add it by name)
+DEFAULT_VARIANTS = ("fp32-fused", "int8", "q8", "q4")  # the CPU ones; fp16 is for CUDA (add it by name)
 QUIET_LOGGERS = ("onnxscript", "onnxruntime.quantization", "onnx_ir")
 
 
@@ -90,24 +90,35 @@ def write_variant(fused, fusions: dict, name: str, folder: ExportFolder, staging
     """Writes variant `name` of the fp32 export `folder`, made from its fused graph (`fused_graph`), to
     its file under `staging`; returns its manifest entry (validation not included)."""
     variant = VARIANTS[name]
-    model, passes, quantization = _variant_model(fused, name, folder.config, quant)
+    if name == "q8":  # standard operators, from the portable graph: no fusions
+        model, passes, quantization = _q8_model(folder)
+        fusions, concat = {}, True
+    else:
+        model, passes, quantization = _variant_model(fused, name, folder.config, quant)
+        concat = name == "fp16"
     model.producer_name = "gptdeploy"
     external = save_graph(model, staging / variant.file)
     operators = _operator_counts(model)
-    return {
+    entry = {
         "file": variant.file, "external_data": external, "precision": variant.precision,
         "base": folder.manifest["graphs"][WITH_PAST]["file"],
-        "kv_cache": KV_CONCAT if name == "fp16" else KV_SHARED_BUFFER,
+        "kv_cache": KV_CONCAT if concat else KV_SHARED_BUFFER,
         "execution_providers": ["CUDAExecutionProvider"] if name == "fp16" else ["CPUExecutionProvider"],
-        "logits_to_keep": {"initializer": LOGITS_TO_KEEP, "default": 0,
-                           "meaning": "int64 scalar: logits of the last N positions only; 0: every position; a "
-                                      "session overrides it with SessionOptions.add_initializer"},
         "fusions": {k: v for k, v in fusions.items() if v},  # onnxscript's
         "passes": passes,  # gptdeploy's, after them
         "operators": operators,
         "fused_operators": {k: v for k, v in operators.items() if k.startswith(MS_DOMAIN)},
         "quantization": quantization,
+        # onnxruntime-genai runs the variant with the folder's genai_config.json and this overlay
+        # (onnxruntime_genai.Config(folder).overlay(json.dumps(entry["genai"])))
+        "genai": {"model": {"decoder": {"filename": variant.file}},
+                  "search": {"past_present_share_buffer": not concat}},
     }
+    if name != "q8":
+        entry["logits_to_keep"] = {"initializer": LOGITS_TO_KEEP, "default": 0,
+                                   "meaning": "int64 scalar: logits of the last N positions only; 0: every position; "
+                                              "a session overrides it with SessionOptions.add_initializer"}
+    return entry
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,6 +164,53 @@ def _variant_model(fused, name: str, config: dict, quant: QuantSettings | None):
         **asdict(quant), "weights": "every MatMul with constant weights, the lm_head included",
         "kept_fp32": "embeddings (the Gathers), LayerNorms, biases, the KV cache, activations between operators",
     }
+
+
+def _q8_model(folder: ExportFolder):
+    """transformers.js' q8: model.onnx with every MatMul of constant weights (the tied lm_head's transpose folded
+    into a constant first) quantized dynamically by onnxruntime.quantization.quantize_dynamic: int8 weights with
+    a scale per output channel (per tensor flipped 8% of the tiny random model's top-1 tokens), activations
+    quantized per tensor as they come (DynamicQuantizeLinear, MatMulInteger): standard ONNX
+    operators that every ONNX Runtime build runs, the web's included. The KV cache and its IO are model.onnx's."""
+    import tempfile
+
+    import onnx_ir as ir
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = ir.load(folder.graph_path(WITH_PAST))
+    folded = _fold_constant_transposes(model)
+    with tempfile.TemporaryDirectory() as tmp, quiet_libraries(*QUIET_LOGGERS):
+        out = Path(tmp) / "model_quantized.onnx"
+        quantize_dynamic(ir.to_proto(model), out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         per_channel=True, extra_options={"MatMulConstBOnly": True})
+        quantized = ir.load(out)
+        for value in quantized.graph.initializers.values():  # into memory before the folder goes
+            if value.const_value is not None:
+                value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    return quantized, {"transposed_constants_folded": folded}, {
+        "method": "onnxruntime.quantization.quantize_dynamic (MatMulInteger, DynamicQuantizeLinear)",
+        "bits": 8, "weights": "int8, a scale per output channel, every MatMul with constant weights, the lm_head included",
+        "activations": "uint8, quantized per tensor at run time",
+        "kept_fp32": "embeddings (the Gathers), LayerNorms, biases, attention, the KV cache",
+    }
+
+
+def _fold_constant_transposes(model) -> int:
+    """Each Transpose of an initializer -> a transposed initializer (the tied lm_head reads the embedding
+    transposed), so that quantizers see a MatMul with constant weights. Returns the count."""
+    import onnx_ir as ir
+
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Transpose" or node.domain or node.inputs[0].const_value is None:
+            continue
+        perm = node.attributes.get_ints("perm", None)
+        array = np.ascontiguousarray(np.transpose(node.inputs[0].const_value.numpy(), perm))
+        constant = _constant(model.graph, f"{node.inputs[0].name}.T", array)
+        ir.convenience.replace_all_uses_with(node.outputs[0], constant)
+        model.graph.remove(node, safe=True)
+        count += 1
+    return count
 
 
 def _tanh_gelu_to_fast_gelu(model) -> int:

@@ -76,6 +76,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("fp32-fused", "onnx/model_fused.onnx", "fp32", "fused operators, fp32 weights (CPU)"),
         Variant("fp16", "onnx/model_fp16.onnx", "fp16", "fused operators, fp16 weights and KV cache (CUDA)"),
         Variant("int8", "onnx/model_int8.onnx", "int8", "fused operators, 8-bit block-quantized weights (CPU)"),
+        Variant("q8", "onnx/model_quantized.onnx", "int8", "portable 8-bit dynamic quantization, standard ONNX "
+                                                            "operators (transformers.js' q8)"),
         Variant("q4", "onnx/model_q4.onnx", "int4", "fused operators, 4-bit block-quantized weights (CPU)"),
     ]
 }

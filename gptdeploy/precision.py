@@ -42,7 +42,7 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in [
 ALIASES = {"q4": "int4", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 MODEL_PRECISIONS = ("fp32", "fp16", "bf16")  # what the PyTorch model runs in
 # Precision names that stand for an ONNX Runtime variant of an export
-VARIANT_OF_PRECISION = {"int8": "int8", "int4": "q4", "q4": "q4", "fp32-fused": "fp32-fused"}
+VARIANT_OF_PRECISION = {"int8": "int8", "q8": "q8", "int4": "q4", "q4": "q4", "fp32-fused": "fp32-fused"}
 
 
 def canonical(name: str) -> str:

@@ -161,9 +161,9 @@ def test_prefill_inputs_left_pad():
 
 # The precisions each runtime runs (fp32-fused, int8, q4: the export's ONNX Runtime variants, which
 # run on the CPU only); a runtime the registry gains later gets an fp32 row by itself.
-PRECISIONS = {"torch": ["fp16", "bf16"], "hf": ["fp32"], "ort": ["fp32", "fp16", "fp32-fused", "int8", "q4"],
+PRECISIONS = {"torch": ["fp16", "bf16"], "hf": ["fp32"], "ort": ["fp32", "fp16", "fp32-fused", "int8", "q8", "q4"],
               "ort-cuda": ["fp32", "fp16"], "trt": ["fp32", "fp16"], "ort-trt": ["fp32", "fp16"]}
-VARIANT_PRECISIONS = {"fp32-fused", "int8", "q4"}
+VARIANT_PRECISIONS = {"fp32-fused", "int8", "q8", "q4"}
 CUDA_RUNTIMES = {"ort-cuda", "trt", "ort-trt"}
 
 

@@ -57,8 +57,8 @@ def export(
     optimize: Annotated[bool, typer.Option("--optimize", help="Also write ONNX Runtime variants beside model.onnx "
                                            "(gptdeploy optimize; --variants picks them).")] = False,
     variants: Annotated[str | None, typer.Option(
-        help="With --optimize: the variants, comma-separated, of fp32-fused, fp16, int8, q4.  [default: "
-             "fp32-fused,int8,q4]", show_default=False)] = None,
+        help="With --optimize: the variants, comma-separated, of fp32-fused, fp16, int8, q8, q4.  [default: "
+             "fp32-fused,int8,q8,q4]", show_default=False)] = None,
 ):
     """Export to an ONNX model folder (graphs with and without KV cache), validated in ONNX Runtime."""
     from gptdeploy.app.exporting import ensure_engines, export_model, optimize_export
@@ -123,7 +123,8 @@ def _print_variants(result) -> None:
         if name not in result.written + result.kept:
             continue
         v = entry["validation"]
-        fused = ", ".join(f"{op.rsplit('.', 1)[-1]} {n}" for op, n in entry["fused_operators"].items())
+        fused = ", ".join(f"{op.rsplit('.', 1)[-1]} {n}" for op, n in entry["fused_operators"].items()) \
+            or "standard ONNX operators"
         size = (result.folder.path / entry["file"]).stat().st_size / 1e6
         status = "kept (already there; --force makes it again)" if name in result.kept else "wrote"
         print(f"{name}: {status} {entry['file']} ({size:.0f} MB; {fused}); vs {v['reference']}: max |logits diff| "
@@ -136,8 +137,9 @@ def _print_variants(result) -> None:
 def optimize(
     folder: Annotated[Path, typer.Argument(help="An fp32 export folder (gptdeploy export).")],
     variants: Annotated[str, typer.Option(
-        help="Variants to write, comma-separated: fp32-fused (CPU), fp16 (CUDA), int8 (CPU), q4 (CPU).")
-    ] = "fp32-fused,int8,q4",
+        help="Variants to write, comma-separated: fp32-fused (CPU), fp16 (CUDA), int8 (CPU), q8 (portable 8-bit, "
+             "transformers.js' q8), q4 (CPU).")
+    ] = "fp32-fused,int8,q8,q4",
     block_size: Annotated[int, typer.Option(help="int8 and q4: weights per quantization block (scale, zero "
                                             "point).")] = 32,
     accuracy_level: Annotated[int, typer.Option(

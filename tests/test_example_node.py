@@ -1,0 +1,126 @@
+"""examples/node: transformers.js and onnxruntime-node on an export folder give gptdeploy's greedy ids.
+
+One `npm ci` (in examples/node, whose node_modules is git-ignored), one copy of the tiny export, one
+`gptdeploy optimize`; then, per graph of the folder, the example's two scripts against `gptdeploy generate`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from gptdeploy.export_folder import VARIANTS
+from tests.test_cli import gptdeploy
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"
+PROMPTS = ["ROMEO:", "JULIET: O"]
+NEW_TOKENS = 20
+Q8_FILE = "onnx/model_quantized.onnx"  # transformers.js' dtype q8
+# npm's words for a registry it could not reach
+OFFLINE = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH", "network")
+
+
+def _variant_of(file: str) -> str | None:
+    return next((v.name for v in VARIANTS.values() if v.file == file), None)
+
+
+# (test id, transformers.js dtype, model_file_name, the graph, gptdeploy's --variant or None for model.onnx)
+CASES = [
+    ("fp32", "fp32", "model", "onnx/model.onnx", None),
+    ("fp32-fused", "fp32", "model_fused", "onnx/model_fused.onnx", "fp32-fused"),
+    ("int8", "int8", "model", "onnx/model_int8.onnx", "int8"),
+    ("q4", "q4", "model", "onnx/model_q4.onnx", "q4"),
+    ("fp16", "fp16", "model", "onnx/model_fp16.onnx", "fp16"),
+    ("q8", "q8", "model", Q8_FILE, _variant_of(Q8_FILE)),
+]
+
+
+@pytest.fixture(scope="module")
+def node_example():
+    """examples/node with its packages installed (npm ci), held by this session alone while the module runs."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("examples/node needs Node.js: `node` and `npm` are not on PATH")
+    # Another pytest on this checkout would run npm ci in the same folder: one at a time.
+    key = hashlib.sha256(str(EXAMPLE).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"gptdeploy-node-example-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        env = {**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}  # no download of onnxruntime's GPU binaries
+        result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=EXAMPLE, env=env,
+                                capture_output=True, text=True, timeout=900)
+        if result.returncode != 0:
+            log = result.stdout + result.stderr
+            reason = next((line for line in log.splitlines() if any(word in line for word in OFFLINE)), None)
+            if reason is not None:
+                pytest.skip(f"npm ci could not reach the npm registry: {reason.strip()}")
+            pytest.fail(f"npm ci failed in {EXAMPLE}:\n{log}")
+        yield node
+
+
+@pytest.fixture(scope="module")
+def folder(node_example, request, tmp_path_factory):
+    """A copy of the tiny export with gptdeploy's variants (and the q8 one, when gptdeploy writes it)."""
+    # Asked for here, not as an argument, so that a missing Node.js skips before the export is made
+    tiny_export_path = request.getfixturevalue("tiny_export_path")
+    copy = tmp_path_factory.mktemp("node-example") / "tiny"
+    shutil.copytree(tiny_export_path, copy)
+    variants = ["fp32-fused", "int8", "q4", "fp16"] + [v for v in [_variant_of(Q8_FILE)] if v]
+    result = gptdeploy("optimize", copy, "--variants", ",".join(variants))
+    assert result.returncode == 0, result.stderr
+    return copy
+
+
+def _node(node, script, *args) -> dict:
+    result = subprocess.run([node, script, *map(str, args)], cwd=EXAMPLE, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"node {script} {' '.join(map(str, args))}:\n{result.stderr}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _reference(folder, variant, prompts) -> list[dict]:
+    """gptdeploy's greedy outputs (prompt_ids, generated_ids) for the prompts as one batch."""
+    args = ["generate", folder, *[a for p in prompts for a in ("--prompt", p)], "--greedy",
+            "--max-new-tokens", NEW_TOKENS, "--json"]
+    result = gptdeploy(*args, *(["--variant", variant] if variant else []))
+    assert result.returncode == 0, result.stderr
+    return [{k: o[k] for k in ("prompt_ids", "generated_ids")} for o in json.loads(result.stdout)["outputs"]]
+
+
+def _case(folder, graph, variant):
+    if not (folder / graph).exists():
+        pytest.skip(f"{graph}: gptdeploy optimize does not write it (yet)")
+    if variant is None and graph != "onnx/model.onnx":
+        pytest.skip(f"{graph} exists but gptdeploy names no variant for it, so there is no reference to compare")
+
+
+@pytest.mark.parametrize("name, dtype, model_file, graph, variant", CASES, ids=[c[0] for c in CASES])
+def test_pipeline_matches_gptdeploy(node_example, folder, name, dtype, model_file, graph, variant):
+    _case(folder, graph, variant)
+    out = _node(node_example, "pipeline.mjs", folder, PROMPTS[0], "--dtype", dtype, "--model-file", model_file,
+                "--max-new-tokens", NEW_TOKENS)
+    assert out["file"] == graph
+    (expected,) = _reference(folder, variant, PROMPTS[:1])
+    assert {k: out[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("name, dtype, model_file, graph, variant",
+                         CASES + [("decoder_model", None, None, "onnx/decoder_model.onnx", None)],
+                         ids=[c[0] for c in CASES] + ["decoder_model"])
+def test_onnxruntime_matches_gptdeploy(node_example, folder, name, dtype, model_file, graph, variant):
+    """One prompt, then two as a left-padded batch; decoder_model.onnx (no KV cache) against model.onnx's ids."""
+    if graph != "onnx/decoder_model.onnx":
+        _case(folder, graph, variant)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        out = _node(node_example, "onnxruntime.mjs", folder, *prompts, "--file", graph,
+                    "--max-new-tokens", NEW_TOKENS)
+        assert out["file"] == graph
+        got = [{k: o[k] for k in ("prompt_ids", "generated_ids")} for o in out["outputs"]]
+        assert got == _reference(folder, variant, prompts), prompts
