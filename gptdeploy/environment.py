@@ -22,6 +22,11 @@ from pathlib import Path
 from gptdeploy.errors import GptDeployError
 
 TORCH_CPU = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+# The base install runs export folders (onnxruntime, numpy, tiktoken); loading checkpoints, exporting,
+# optimizing and the torch runtime need the export extra.
+EXPORT_EXTRA = "pip install 'gptdeploy[export]'"
+EXPORT_MODULES = {"torch": "PyTorch", "onnx": "onnx", "onnxscript": "onnxscript", "onnx_ir": "onnx-ir",
+                  "safetensors": "safetensors", "huggingface_hub": "huggingface_hub"}
 GPU_EXTRA = "pip install 'gptdeploy[gpu]'"
 TRT_EXTRA = "pip install 'gptdeploy[trt]' (TensorRT comes from NVIDIA's package index, pypi.nvidia.com)"
 ORT_TRT_EXTRA = ("pip install 'gptdeploy[ort-trt]' (onnxruntime-gpu with the TensorRT 10 its TensorRT provider links; "
@@ -84,7 +89,8 @@ class Requirement:
 
 REQUIREMENTS: dict[str, Requirement] = {
     "torch": Requirement(lambda: has_module("torch"),
-                         f"PyTorch is not installed; install it: {TORCH_CPU} (CPU), or pip install torch (CUDA)"),
+                         f"PyTorch is not installed; install it: {EXPORT_EXTRA} (with {TORCH_CPU} first for a "
+                         f"CPU-only build)"),
     "transformers": Requirement(lambda: has_module("transformers"),
                                 "transformers is not installed; install it: pip install transformers"),
     "onnxruntime": Requirement(lambda: has_module("onnxruntime"),
@@ -110,6 +116,15 @@ def _torch_sees_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def export_extra_problem(error: ImportError) -> str | None:
+    """What a failed import of one of the export extra's libraries means, or None for any other import."""
+    name = (error.name or "").split(".")[0]
+    if name not in EXPORT_MODULES:
+        return None
+    return (f"{EXPORT_MODULES[name]} is not installed (this is gptdeploy's base install, which runs export folders); "
+            f"loading checkpoints, export and optimize need the export extra: {EXPORT_EXTRA}")
 
 
 def missing(*requirements: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -125,6 +126,42 @@ def _export(loaded, folder, precision="fp32"):
 def lively_export_path(lively, tmp_path_factory):
     """`lively` exported to ONNX (fp32)."""
     return _export(lively, tmp_path_factory.mktemp("export") / "lively").path
+
+
+@pytest.fixture(scope="session")
+def lively_optimized_path(lively, lively_export_path, tmp_path_factory):
+    """A copy of the lively export with every ONNX Runtime variant (gptdeploy optimize); read-only for tests:
+    the outside clients (examples/) run it."""
+    from gptdeploy.app.exporting import optimize_export
+    from gptdeploy.export_folder import VARIANTS
+
+    folder = tmp_path_factory.mktemp("optimized") / "lively"
+    shutil.copytree(lively_export_path, folder)
+    optimize_export(folder, list(VARIANTS), reference=lively.model)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def greedy_ids():
+    """greedy_ids(folder, prompts, new_tokens, variant=None): what `gptdeploy generate FOLDER --greedy --json`
+    gives for the prompts as one batch, per row {"prompt_ids", "generated_ids"}; each asked once a session."""
+    import json
+
+    from tests.test_cli import gptdeploy
+
+    answers = {}
+
+    def outputs(folder, prompts, new_tokens, variant=None):
+        key = (str(folder), tuple(prompts), new_tokens, variant)
+        if key not in answers:
+            result = gptdeploy("generate", folder, *[a for p in prompts for a in ("--prompt", p)], "--greedy",
+                               "--max-new-tokens", new_tokens, "--json", *(["--variant", variant] if variant else []))
+            assert result.returncode == 0, result.stderr
+            answers[key] = [{k: o[k] for k in ("prompt_ids", "generated_ids")}
+                            for o in json.loads(result.stdout)["outputs"]]
+        return answers[key]
+
+    return outputs
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """examples/node: transformers.js and onnxruntime-node on an export folder give gptdeploy's greedy ids.
 
-One `npm ci` (in examples/node, whose node_modules is git-ignored), one copy of the tiny export, one
-`gptdeploy optimize`; then, per graph of the folder, the example's two scripts against `gptdeploy generate`.
+One `npm ci` (in examples/node, whose node_modules is git-ignored) and the lively export with every
+variant (conftest's lively_optimized_path); then, per graph of the folder, the example's two scripts
+against `gptdeploy generate`.
 """
 
 from __future__ import annotations
@@ -18,18 +19,12 @@ from pathlib import Path
 import pytest
 
 from gptdeploy.export_folder import VARIANTS
-from tests.test_cli import gptdeploy
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"
 PROMPTS = ["ROMEO:", "JULIET: O"]
 NEW_TOKENS = 20
-Q8_FILE = "onnx/model_quantized.onnx"  # transformers.js' dtype q8
 # npm's words for a registry it could not reach
 OFFLINE = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH", "network")
-
-
-def _variant_of(file: str) -> str | None:
-    return next((v.name for v in VARIANTS.values() if v.file == file), None)
 
 
 # (test id, transformers.js dtype, model_file_name, the graph, gptdeploy's --variant or None for model.onnx)
@@ -39,7 +34,7 @@ CASES = [
     ("int8", "int8", "model", "onnx/model_int8.onnx", "int8"),
     ("q4", "q4", "model", "onnx/model_q4.onnx", "q4"),
     ("fp16", "fp16", "model", "onnx/model_fp16.onnx", "fp16"),
-    ("q8", "q8", "model", Q8_FILE, _variant_of(Q8_FILE)),
+    ("q8", "q8", "model", "onnx/model_quantized.onnx", "q8"),
 ]
 
 
@@ -66,16 +61,10 @@ def node_example():
 
 
 @pytest.fixture(scope="module")
-def folder(node_example, request, tmp_path_factory):
-    """A copy of the tiny export with gptdeploy's variants (and the q8 one, when gptdeploy writes it)."""
+def folder(node_example, request):
+    """The lively export with every variant (conftest's, shared with the Python examples' tests)."""
     # Asked for here, not as an argument, so that a missing Node.js skips before the export is made
-    tiny_export_path = request.getfixturevalue("tiny_export_path")
-    copy = tmp_path_factory.mktemp("node-example") / "tiny"
-    shutil.copytree(tiny_export_path, copy)
-    variants = ["fp32-fused", "int8", "q4", "fp16"] + [v for v in [_variant_of(Q8_FILE)] if v]
-    result = gptdeploy("optimize", copy, "--variants", ",".join(variants))
-    assert result.returncode == 0, result.stderr
-    return copy
+    return request.getfixturevalue("lively_optimized_path")
 
 
 def _node(node, script, *args) -> dict:
@@ -86,30 +75,15 @@ def _node(node, script, *args) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(folder):
-    """reference(variant, prompts): gptdeploy's greedy outputs (prompt_ids, generated_ids), the prompts as one
-    batch; each asked once."""
-    answers = {}
-
-    def outputs(variant, prompts):
-        key = (variant, tuple(prompts))
-        if key not in answers:
-            args = ["generate", folder, *[a for p in prompts for a in ("--prompt", p)], "--greedy",
-                    "--max-new-tokens", NEW_TOKENS, "--json", *(["--variant", variant] if variant else [])]
-            result = gptdeploy(*args)
-            assert result.returncode == 0, result.stderr
-            answers[key] = [{k: o[k] for k in ("prompt_ids", "generated_ids")}
-                            for o in json.loads(result.stdout)["outputs"]]
-        return answers[key]
-
-    return outputs
+def reference(folder, greedy_ids):
+    """reference(variant, prompts): gptdeploy's greedy outputs (prompt_ids, generated_ids), the prompts as one batch."""
+    return lambda variant, prompts: greedy_ids(folder, prompts, NEW_TOKENS, variant)
 
 
 def _case(folder, graph, variant):
-    if not (folder / graph).exists():
-        pytest.skip(f"{graph}: gptdeploy optimize does not write it (yet)")
-    if variant is None and graph != "onnx/model.onnx":
-        pytest.skip(f"{graph} exists but gptdeploy names no variant for it, so there is no reference to compare")
+    """Every graph of the table is in the folder, and is the variant it is compared with."""
+    assert (folder / graph).is_file()
+    assert variant is None and graph == "onnx/model.onnx" or VARIANTS[variant].file == graph
 
 
 @pytest.mark.parametrize("name, dtype, model_file, graph, variant", CASES, ids=[c[0] for c in CASES])

@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from gptdeploy.environment import export_extra_problem
 from gptdeploy.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, GptDeployError, RuntimeFailed
 from gptdeploy.progress import Progress
 from gptdeploy.runtimes.registry import RUNTIMES
@@ -652,6 +653,9 @@ def run(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
         if debug:
             raise
+        problem = export_extra_problem(e) if isinstance(e, ImportError) else None
+        if problem is not None:  # the base install, asked to load a checkpoint or to export
+            return _error(problem, EXIT_BAD_INPUT)
         first = str(e).splitlines()[0] if str(e) else ""
         return _error(f"internal error, {type(e).__name__}: {first} (a bug in gptdeploy; run again with "
                       f"GPTDEPLOY_DEBUG=1 to see the traceback)", EXIT_INTERNAL)
