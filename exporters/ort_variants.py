@@ -47,7 +47,8 @@ from gptdeploy.exporters.onnx_export import save_graph
 from gptdeploy.progress import quiet_libraries
 
 MS_DOMAIN = "com.microsoft"
-DEFAULT_VARIANTS = ("fp32-fused", "int8", "q8", "q4")  # the CPU ones; fp16 is for CUDA (add it by name)
+# All of them: with fp16 (gptdeploy runs it on CUDA), every transformers.js dtype has its file
+DEFAULT_VARIANTS = ("fp32-fused", "fp16", "int8", "q8", "q4")
 QUIET_LOGGERS = ("onnxscript", "onnxruntime.quantization", "onnx_ir")
 
 

@@ -220,6 +220,19 @@ def shakespeare_export_path(shakespeare, tmp_path_factory):
     return _export(shakespeare, tmp_path_factory.mktemp("export") / "shakespeare").path
 
 
+@pytest.fixture(scope="session")
+def shakespeare_optimized_path(shakespeare, shakespeare_export_path, tmp_path_factory):
+    """A copy of the shakespeare export with every variant, as `gptdeploy export shakespeare --optimize`
+    makes it; read-only for tests."""
+    from gptdeploy.app.exporting import optimize_export
+    from gptdeploy.export_folder import VARIANTS
+
+    folder = tmp_path_factory.mktemp("optimized") / "shakespeare"
+    shutil.copytree(shakespeare_export_path, folder)
+    optimize_export(folder, list(VARIANTS), reference=shakespeare.model)
+    return folder
+
+
 @pytest.fixture
 def seeded_cache(tiny, tiny_export_path, tmp_path, monkeypatch):
     """An export cache (GPTDEPLOY_CACHE) that already holds `tiny`'s fp32 export, as after an earlier run."""

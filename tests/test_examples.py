@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from gptdeploy.export_folder import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+SOURCES = ("pyproject.toml", "README.md", "gptdeploy", "exporters", "runtimes")  # what the package is built from
 PROMPTS = ["ROMEO:", "JULIET: O"]
 NEW_TOKENS = 20
 VARIANT_CASES = [None, *VARIANTS]  # None: the folder's own graph, onnx/model.onnx
@@ -72,6 +74,21 @@ def test_genai_example_matches_gptdeploy(lively_optimized_path, greedy_ids, vari
     assert out["outputs"] == [row for p in PROMPTS for row in greedy_ids(folder, [p], NEW_TOKENS, variant)]
 
 
+@pytest.mark.parametrize("variant", VARIANT_CASES, ids=IDS)
+def test_optimum_example_matches_gptdeploy(lively_optimized_path, greedy_ids, variant):
+    """Optimum's ORTModelForCausalLM. optimum-onnx pins a transformers older than the test extra's, so it is
+    not in the test extra: run this in an environment that has it (docs/embedding.md)."""
+    pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx is not installed (it pins transformers < 4.58; "
+                                                      "docs/embedding.md has its environment)")
+    folder = lively_optimized_path
+    file = Path(VARIANTS[variant].file if variant else "onnx/model.onnx").name
+    out = subprocess.run([sys.executable, str(EXAMPLES / "optimum_ort.py"), folder, *PROMPTS, "--file", file,
+                          "--max-new-tokens", str(NEW_TOKENS), "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])["outputs"]
+    assert got == [row for p in PROMPTS for row in greedy_ids(folder, [p], NEW_TOKENS, variant)]
+
+
 def test_each_variant_says_how_genai_runs_it(lively_optimized_path):
     """The overlay names the variant's graph; the shared-buffer variants (GroupQueryAttention) share it."""
     manifest = json.loads((lively_optimized_path / "gptdeploy.json").read_text())
@@ -113,9 +130,11 @@ def _distribution_closure(requirements: list[str]) -> list[importlib.metadata.Di
 def base_install(tmp_path_factory):
     """A folder of site packages holding gptdeploy (installed from this tree, as a wheel would be) and only
     the distributions of its base requirements: what `pip install gptdeploy` installs, with no torch."""
-    site = tmp_path_factory.mktemp("base-install")
+    site, sources = tmp_path_factory.mktemp("base-install"), tmp_path_factory.mktemp("sources")
+    for name in SOURCES:  # built from a copy: setuptools would leave a build/ folder in the tree
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, sources / name)
     result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                             "--target", str(site), str(ROOT)], capture_output=True, text=True)
+                             "--target", str(site), str(sources)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     for dist in _distribution_closure(_base_requirements()):
         tops = {Path(f).parts[0] for f in dist.files or [] if Path(f).parts[0] not in ("..", "__pycache__")}

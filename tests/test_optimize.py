@@ -410,13 +410,11 @@ def loss_and_predictions(runner, ids: list[int], block_size: int) -> tuple[float
 
 @pytest.mark.skipif(not SHAKESPEARE_WEIGHTS.is_file() or not VAL_SLICE.is_file(),
                     reason="the trained shakespeare weights or the held-out text are not in the package")
-def test_quantized_variants_keep_shakespeares_quality(shakespeare_export_path, tmp_path):
+def test_quantized_variants_keep_shakespeares_quality(shakespeare_optimized_path):
     """The issue's bounds: int8 within +1% validation loss of fp32 and >= 97% top-1 agreement; q4 +5%, 90%."""
-    loaded = loading.load("shakespeare")
-    folder = shutil.copytree(shakespeare_export_path, tmp_path / "shakespeare")
-    optimize_export(folder, ["int8", "q8", "q4"], reference=loaded.model)
+    folder = shakespeare_optimized_path
     ids = BPETokenizer().encode(VAL_SLICE.read_text(encoding="utf-8"), allow_special=False)
-    block_size = loaded.config.block_size
+    block_size = read_export(folder).config["block_size"]
     fp32_loss, fp32_top1 = loss_and_predictions(OrtRunner(folder), ids, block_size)
     for name, loss_bound, agreement_bound in (("int8", 1.01, 0.97), ("q8", 1.01, 0.97), ("q4", 1.05, 0.90)):
         loss, top1 = loss_and_predictions(OrtRunner(folder, variant=name), ids, block_size)

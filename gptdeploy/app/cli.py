@@ -59,7 +59,7 @@ def export(
                                            "(gptdeploy optimize; --variants picks them).")] = False,
     variants: Annotated[str | None, typer.Option(
         help="With --optimize: the variants, comma-separated, of fp32-fused, fp16, int8, q8, q4.  [default: "
-             "fp32-fused,int8,q8,q4]", show_default=False)] = None,
+             "all of them]", show_default=False)] = None,
 ):
     """Export to an ONNX model folder (graphs with and without KV cache), validated in ONNX Runtime."""
     from gptdeploy.app.exporting import ensure_engines, export_model, optimize_export
@@ -140,7 +140,7 @@ def optimize(
     variants: Annotated[str, typer.Option(
         help="Variants to write, comma-separated: fp32-fused (CPU), fp16 (CUDA), int8 (CPU), q8 (portable 8-bit, "
              "transformers.js' q8), q4 (CPU).")
-    ] = "fp32-fused,int8,q8,q4",
+    ] = "fp32-fused,fp16,int8,q8,q4",
     block_size: Annotated[int, typer.Option(help="int8 and q4: weights per quantization block (scale, zero "
                                             "point).")] = 32,
     accuracy_level: Annotated[int, typer.Option(
@@ -148,7 +148,7 @@ def optimize(
     symmetric: Annotated[bool, typer.Option("--symmetric", help="int8 and q4: no zero points.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Write again the variants the folder holds.")] = False,
 ):
-    """Add ONNX Runtime variants (fused, fp16, int8, int4) beside onnx/model.onnx, each validated."""
+    """Add ONNX Runtime variants (fused, fp16, int8, q8, q4) beside onnx/model.onnx, each validated."""
     from gptdeploy.app.exporting import optimize_export
     from gptdeploy.exporters.ort_variants import QuantSettings, check_variants
 
