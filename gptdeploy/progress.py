@@ -81,6 +81,7 @@ def quiet_libraries(*loggers: str) -> Iterator[None]:
         warnings.simplefilter("ignore")
         for logger in named:
             logger.setLevel(logging.ERROR)
+        root.setLevel(logging.ERROR)  # libraries that log to the root logger (onnxruntime.quantization does)
         try:
             yield
         finally:

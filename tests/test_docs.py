@@ -11,6 +11,7 @@ blocks' failures with the block's line.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -58,10 +59,9 @@ def doc_results(tmp_path_factory, shakespeare, shakespeare_export_path, shakespe
     pages = []
     for page in PAGES_WITH_CODE:
         cwd = tmp_path_factory.mktemp(f"docs-{page.stem}")
-        shutil.copytree(shakespeare_optimized_path, cwd / "shakespeare-onnx")
+        # hard links: gptdeploy replaces a file by renaming a new one over it, so no page writes into another's
+        shutil.copytree(shakespeare_optimized_path, cwd / "shakespeare-onnx", copy_function=os.link)
         pages.append({"name": str(page.relative_to(ROOT)), "cwd": str(cwd), "blocks": python_blocks(page)})
-    import os
-
     env = {**os.environ, "GPTDEPLOY_CACHE": str(cache.root)}
     result = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(pages), capture_output=True, text=True,
                             env=env, timeout=1800)

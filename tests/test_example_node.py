@@ -100,10 +100,11 @@ def test_pipeline_matches_gptdeploy(node_example, folder, reference, name, dtype
                          CASES + [("decoder_model", None, None, "onnx/decoder_model.onnx", None)],
                          ids=[c[0] for c in CASES] + ["decoder_model"])
 def test_onnxruntime_matches_gptdeploy(node_example, folder, reference, name, dtype, model_file, graph, variant):
-    """One prompt, then two as a left-padded batch; decoder_model.onnx (no KV cache) against model.onnx's ids."""
+    """Two prompts as a left-padded batch (and, for model.onnx and decoder_model.onnx, one prompt alone);
+    decoder_model.onnx (no KV cache) against model.onnx's ids."""
     if graph != "onnx/decoder_model.onnx":
         _case(folder, graph, variant)
-    for prompts in (PROMPTS[:1], PROMPTS):
+    for prompts in (PROMPTS[:1], PROMPTS) if variant is None else (PROMPTS,):
         out = _node(node_example, "onnxruntime.mjs", folder, *prompts, "--file", graph,
                     "--max-new-tokens", NEW_TOKENS)
         assert out["file"] == graph

@@ -82,8 +82,12 @@ def reference_steps(forward, ids, mask, chosen) -> list[np.ndarray]:
 def test_folder_layout_and_manifest(tiny_export, tiny):
     folder = tiny_export.path
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    assert files == ["config.json", "generation_config.json", "gpt2.tiktoken", "gptdeploy.json",
+    assert files == ["config.json", "genai_config.json", "generation_config.json", "gpt2.tiktoken", "gptdeploy.json",
                      "onnx/decoder_model.onnx", "onnx/model.onnx", "tokenizer.json", "tokenizer_config.json"]
+    genai = json.loads((folder / "genai_config.json").read_text())["model"]
+    assert genai["type"] == "decoder" and genai["decoder"]["filename"] == "onnx/model.onnx"
+    assert (genai["context_length"], genai["vocab_size"], genai["eos_token_id"]) == (128, 50257, 50256)
+    assert (genai["decoder"]["num_hidden_layers"], genai["decoder"]["head_size"]) == (2, 16)
     manifest = json.loads((folder / "gptdeploy.json").read_text())
     assert manifest == tiny_export.manifest
     assert manifest["format"] == "gptdeploy-export" and manifest["format_version"] == 1
@@ -282,9 +286,11 @@ def test_fp32_validation_figures(tiny_export):
 def test_fp16_export_is_finite_close_and_agrees_on_top1(tiny_export_fp16, tiny, tmp_path):
     manifest = tiny_export_fp16.manifest
     assert manifest["precision"] == "fp16"
-    assert sorted(manifest["files"]) == ["config.json", "generation_config.json", "gpt2.tiktoken",
-                                         "onnx/decoder_model_fp16.onnx", "onnx/model_fp16.onnx", "tokenizer.json",
-                                         "tokenizer_config.json"]
+    assert sorted(manifest["files"]) == ["config.json", "genai_config.json", "generation_config.json",
+                                         "gpt2.tiktoken", "onnx/decoder_model_fp16.onnx", "onnx/model_fp16.onnx",
+                                         "tokenizer.json", "tokenizer_config.json"]
+    genai = json.loads((tiny_export_fp16.path / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["filename"] == "onnx/model_fp16.onnx"
     assert json.loads((tiny_export_fp16.path / "config.json").read_text())["torch_dtype"] == "float16"
     v = manifest["validation"]
     assert v["passed"] and v["max_rel_diff"] <= TOLERANCES["fp16"]["max_rel"]

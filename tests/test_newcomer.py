@@ -111,12 +111,16 @@ def test_info_on_an_export_folder_shows_its_manifest(tiny_export_path):
         assert fragment in text, fragment
 
 
-def test_generate_on_random_weights_says_so_first(tiny_export_path):
+def test_generate_on_random_weights_says_so(tiny_export_path):
+    """The note is stderr's last line, so that a refused prompt or a failed step stays the one line there."""
     result = gptdeploy("generate", tiny_export_path, "--prompt", "Hi", "--max-new-tokens", "2", "--seed", "1")
     assert result.returncode == 0, result.stderr
-    assert result.stderr.startswith(f"note: {tiny_export_path} was exported from tiny with random weights")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"note: {tiny_export_path} was exported from tiny with random weights")
     result = gptdeploy("generate", "tiny", "--random", "--prompt", "Hi", "--max-new-tokens", "2", "--seed", "1")
-    assert result.stderr.startswith("note: tiny has random weights")
+    assert result.stderr.strip().splitlines()[-1].startswith("note: tiny has random weights")
+    refused = gptdeploy("generate", "tiny", "--random", "--prompt-ids", "15496,50257")
+    assert refused.returncode == 2 and "note:" not in refused.stderr
 
 
 def test_help_shows_flags_as_flags_and_every_runtime():

@@ -120,6 +120,7 @@ def test_torch_and_ort_generate_the_same_tokens(shakespeare, shakespeare_export)
     assert "\n" in text and len(set(batch.new_ids[0])) > 10  # lines of many words, not one token repeated
 
 
+@pytest.mark.heavy  # trains for a few steps: some 9 CPU-seconds
 def test_training_script_writes_what_load_reads(tmp_path):
     """A two-step run of scripts/train_shakespeare.py; its safetensors file loads with its metadata."""
     import json

@@ -332,14 +332,15 @@ def generate(
                                     threads=threads, weights="random" if random else None,
                                     weights_seed=weights_seed, progress=Progress())
     load_s = time.perf_counter() - start
-    if note := _random_weights_note(source, random, weights_seed):
-        print(note, file=sys.stderr)
+    note = _random_weights_note(source, random, weights_seed)
     if json_output:
         _generate_json(source, runner, tokenizer, prompts, config, load_s)
     elif len(prompts) == 1:
         _generate_streaming(runner, tokenizer, prompts[0], config)
     else:
         _generate_batch(runner, tokenizer, prompts, config)
+    if note:  # last: an error (a prompt too long, a NaN) stays the one line on stderr
+        print(note, file=sys.stderr)
 
 
 def _random_weights_note(source: str, random: bool, seed: int) -> str | None:
