@@ -14,9 +14,14 @@ from gptdeploy.tokenizer import ENDOFTEXT, Tokenizer
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 
-def hf_config(config: GPTConfig, tokenizer: Tokenizer, precision: str) -> dict:
-    """config.json: GPT2Config's keys. bos/eos are the end-of-text id (null for char-level vocabularies)."""
-    return {
+def hf_config(config: GPTConfig, tokenizer: Tokenizer, precision: str, external_graph: str | None = None) -> dict:
+    """config.json: GPT2Config's keys. bos/eos are the end-of-text id (null for char-level vocabularies).
+
+    external_graph: the file name of a graph in onnx/ whose weights are in its "<name>_data" file, which
+    transformers.js then fetches (it must be told: "transformers.js_config")."""
+    external = ({"transformers.js_config": {"use_external_data_format": {external_graph: 1}}}
+                if external_graph else {})
+    return {**external, 
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "n_layer": config.n_layer,

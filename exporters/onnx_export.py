@@ -30,13 +30,16 @@ from gptdeploy.loading import LoadedModel
 from gptdeploy.model import GPT, LayerNorm
 from gptdeploy.progress import Progress, quiet_libraries
 from gptdeploy.tokenizer import GPT2_RANKS_FILE, CharTokenizer, read_tiktoken_ranks
+from gptdeploy.exporters.weights import WeightStore, save_graph
 
 # torchlib, the exporter's operator library, is written for opset 18; the exporter converts to
 # later opsets itself. 18 runs on ONNX Runtime >= 1.14 and TensorRT >= 8.6.
 DEFAULT_OPSET = 18
 MIN_OPSET = 18
-# Protobuf cannot hold a file over 2 GiB: above this many bytes of weights, they go to <graph>.onnx_data.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# From this many bytes of weights an export keeps them in one external-data file that its graphs share
+# (onnx/model.onnx_data): GPT-2 124M (498 MB) does, the packaged shakespeare model (31 MB) keeps each graph
+# whole, one file each, as browsers load them best. (Protobuf cannot hold a graph over 2 GiB in any case.)
+EXTERNAL_FROM = 100_000_000
 QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")
 
 
@@ -58,21 +61,43 @@ def check_opset(opset: int) -> None:
         )
 
 
-def write_graphs(model: GPT, folder: Path, *, precision: str, opset: int, progress: Progress) -> dict[str, dict]:
+def uses_external_data(model: GPT, precision: str, external_data: bool | None = None) -> bool:
+    """Whether an export keeps its weights in one external-data file that its graphs share: asked for
+    (True / False), or by size (None): from EXTERNAL_FROM bytes of weights in the graphs' precision."""
+    if external_data is not None:
+        return external_data
+    return sum(p.numel() for p in model.parameters()) * (2 if precision == "fp16" else 4) >= EXTERNAL_FROM
+
+
+def write_graphs(model: GPT, folder: Path, *, precision: str, opset: int, progress: Progress,
+                 external_data: bool = False) -> dict[str, dict]:
     """Traces and saves both graphs of `model` (fp32, on the CPU) into `folder`; returns the manifest's
-    "graphs" entries (file, external data file, IO signature) by role."""
+    "graphs" entries (file, external data files, IO signature) by role.
+
+    external_data: the weights go to one file, `<with-past graph>_data` (onnx/model.onnx_data), that
+    both graphs reference (gptdeploy.exporters.weights); otherwise each graph holds its own."""
     graph_model = graphs.fp16_model(model) if precision == "fp16" else model
+    store = WeightStore.create(folder / shared_weights_file(precision)) if external_data else None
     specs = {}
-    for role in (WITH_PAST, NO_PAST):
-        file = graph_file(role, precision)
-        signature = io_signature(model.config.to_dict(), role, precision)
-        with progress.step(f"Tracing {file}"):
-            ir_model = _trace(role, graph_model, opset, signature)
-        with progress.step(f"Saving {file}"):
-            external = save_graph(ir_model, folder / file)
-        del ir_model
-        specs[role] = {"file": file, "external_data": external, **signature}
+    try:
+        for role in (WITH_PAST, NO_PAST):
+            file = graph_file(role, precision)
+            signature = io_signature(model.config.to_dict(), role, precision)
+            with progress.step(f"Tracing {file}"):
+                ir_model = _trace(role, graph_model, opset, signature)
+            with progress.step(f"Saving {file}" + (f" (weights in {store.path.name})" if store else "")):
+                external = save_graph(ir_model, folder / file, store)
+            del ir_model
+            specs[role] = {"file": file, "external_data": external or None, **signature}
+    finally:
+        if store is not None:
+            store.close()
     return specs
+
+
+def shared_weights_file(precision: str) -> str:
+    """The external-data file the graphs of an export share: onnx/model.onnx_data (model_fp16.onnx_data)."""
+    return graph_file(WITH_PAST, precision) + "_data"
 
 
 def check_graphs(folder: Path, specs: dict[str, dict]) -> None:
@@ -122,30 +147,16 @@ def _trace(role: str, model, opset: int, signature: dict):
 _IR_DTYPES = {"int64": "int64", "float32": "float", "float16": "float16"}
 
 
-def save_graph(ir_model, path: Path) -> str | None:
-    """Saves an onnx_ir graph; weights past EXTERNAL_DATA_THRESHOLD bytes go to <name>_data beside it (the
-    name Optimum and transformers.js use, referred to relative to the graph). Returns that file relative to
-    the export folder, or None."""
-    import onnx_ir as ir
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    weight_bytes = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
-    if weight_bytes <= EXTERNAL_DATA_THRESHOLD:
-        ir.save(ir_model, path)
-        return None
-    data = path.with_name(path.name + "_data")
-    ir.save(ir_model, path, external_data=data.name)
-    return f"{path.parent.name}/{data.name}"
-
-
-def write_side_files(loaded: LoadedModel, folder: Path, precision: str) -> dict:
+def write_side_files(loaded: LoadedModel, folder: Path, precision: str, external_data: bool = False) -> dict:
     """config.json, generation_config.json and the tokenizer file(s); returns the manifest's tokenizer entry.
 
     GPT-2 BPE also gets tokenizer.json and tokenizer_config.json, for transformers and transformers.js, and
     genai_config.json for onnxruntime-genai (which needs tokenizer.json: a char-level model gets none).
+    external_data: the graphs' weights are in the shared file (config.json tells transformers.js).
     """
     tokenizer = loaded.tokenizer
-    (folder / "config.json").write_text(json_text(hf_config(loaded.config, tokenizer, precision)))
+    external = Path(graph_file(WITH_PAST, precision)).name if external_data else None
+    (folder / "config.json").write_text(json_text(hf_config(loaded.config, tokenizer, precision, external)))
     (folder / "generation_config.json").write_text(json_text(generation_config(loaded.config, tokenizer)))
     if isinstance(tokenizer, CharTokenizer):
         source = next((f for f in loaded.files if f.name == "meta.pkl"), None)

@@ -42,8 +42,10 @@ from pathlib import Path
 import numpy as np
 
 from gptdeploy.errors import GptDeployError
-from gptdeploy.export_folder import KV_CONCAT, KV_SHARED_BUFFER, LOGITS_TO_KEEP, VARIANTS, WITH_PAST, ExportFolder
-from gptdeploy.exporters.onnx_export import save_graph
+from gptdeploy.export_folder import (
+    KV_CONCAT, KV_SHARED_BUFFER, LOGITS_TO_KEEP, VARIANTS, WITH_PAST, ExportFolder, data_files,
+)
+from gptdeploy.exporters.weights import WeightStore, save_graph
 from gptdeploy.progress import quiet_libraries
 
 MS_DOMAIN = "com.microsoft"
@@ -98,10 +100,11 @@ def write_variant(fused, fusions: dict, name: str, folder: ExportFolder, staging
         model, passes, quantization = _variant_model(fused, name, folder.config, quant)
         concat = name == "fp16"
     model.producer_name = "gptdeploy"
-    external = save_graph(model, staging / variant.file)
+    external = save_graph(model, staging / variant.file, _shared_weights(folder, staging) if name == "fp32-fused"
+                          else None)
     operators = _operator_counts(model)
     entry = {
-        "file": variant.file, "external_data": external, "precision": variant.precision,
+        "file": variant.file, "external_data": external or None, "precision": variant.precision,
         "base": folder.manifest["graphs"][WITH_PAST]["file"],
         "kv_cache": KV_CONCAT if concat else KV_SHARED_BUFFER,
         "execution_providers": ["CUDAExecutionProvider"] if name == "fp16" else ["CPUExecutionProvider"],
@@ -126,12 +129,34 @@ def write_variant(fused, fusions: dict, name: str, folder: ExportFolder, staging
 # The graphs
 
 
+def _shared_weights(folder: ExportFolder, staging: Path) -> WeightStore | None:
+    """The export's shared weights file (onnx/model.onnx_data), linked into `staging` beside the variant
+    so that the staged graph finds it as the folder's graphs do; read-only (the variant's other tensors go
+    to a file of its own). None for an export whose graphs hold their weights."""
+    import os
+
+    files = data_files(folder.manifest["graphs"][WITH_PAST])
+    shared = next((f for f in files if Path(f).name == Path(folder.graph_path(WITH_PAST)).name + "_data"), None)
+    if shared is None:
+        return None
+    link = staging / shared
+    link.parent.mkdir(parents=True, exist_ok=True)
+    # A hard link (ONNX Runtime refuses external data outside the graph's folder, a symbolic link too): the
+    # caller removes it once the variant is validated (onnx_ir refuses to read a file with several links)
+    if not link.exists():
+        os.link(folder.path / shared, link)
+    store = WeightStore.read(folder.graph_path(WITH_PAST), folder.path / shared)
+    store.path = link
+    return store
+
+
 def fused_graph(folder: ExportFolder):
     """model.onnx with onnxscript's ONNX Runtime fusions; and the count of each fusion."""
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     model = ir.load(folder.graph_path(WITH_PAST))
+    ir.external_data.load_to_model(model)  # weights in memory: variants are saved elsewhere, or copied
     with quiet_libraries(*QUIET_LOGGERS):
         model, counts = optimize_for_ort(model)
     return model, dict(counts)
@@ -179,6 +204,7 @@ def _q8_model(folder: ExportFolder):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = ir.load(folder.graph_path(WITH_PAST))
+    ir.external_data.load_to_model(model)  # quantize_dynamic reads the graph from a folder of its own
     folded = _fold_constant_transposes(model)
     with tempfile.TemporaryDirectory() as tmp, quiet_libraries(*QUIET_LOGGERS):
         out = Path(tmp) / "model_quantized.onnx"

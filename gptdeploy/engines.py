@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from gptdeploy.errors import GptDeployError
-from gptdeploy.export_folder import DECODE, ENGINE_DIR, ENGINE_GRAPHS, PREFILL, ExportFolder, engine_file
+from gptdeploy.export_folder import (
+    DECODE, ENGINE_DIR, ENGINE_GRAPHS, PREFILL, ExportFolder, data_files, engine_file,
+)
 from gptdeploy.files import sha256_file
 
 DEFAULT_WORKSPACE_GIB = 4.0
@@ -204,7 +206,7 @@ def engine_spec(folder: ExportFolder, engine: str, settings: EngineSettings, ten
     if graph is None:
         raise GptDeployError(f"{folder.path} has no {role} graph, which the {engine} engine is built from; "
                              "export it again with this gptdeploy")
-    files = [graph["file"]] + ([graph["external_data"]] if graph.get("external_data") else [])
+    files = [graph["file"], *data_files(graph)]
     return EngineSpec(
         engine=engine, graph_file=graph["file"], graph_sha256=tuple(sha256_file(folder.path / f) for f in files),
         shapes=profile_shapes(graph, engine, settings), precision=folder.precision, settings=settings,

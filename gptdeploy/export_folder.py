@@ -102,6 +102,16 @@ def graph_file(role: str, precision: str = "fp32") -> str:
     return f"onnx/{GRAPH_STEMS[role]}{PRECISION_SUFFIXES[precision]}.onnx"
 
 
+def data_files(spec: dict) -> list[str]:
+    """The external-data files a graph's manifest entry says it reads (relative to the folder): none when
+    its weights are inside it; one or more (onnx/model.onnx_data, which graphs share, and the graph's own
+    <graph>_data) otherwise. Manifests before shared weights held one file or null."""
+    external = spec.get("external_data")
+    if external is None:
+        return []
+    return [external] if isinstance(external, str) else list(external)
+
+
 def engine_file(engine: str, precision: str) -> str:
     return f"{ENGINE_DIR}/{engine}{PRECISION_SUFFIXES[precision]}.engine"
 
@@ -249,8 +259,10 @@ def _manifest_problem(folder: Path, m: dict) -> str | None:
         return f"graphs must hold {WITH_PAST} (and {NO_PAST})"
     named = [("tokenizer", tokenizer.get("file"))]
     named += [(f"graph {role}", spec.get("file") if isinstance(spec, dict) else None) for role, spec in graphs.items()]
-    named += [(f"graph {role}", spec["external_data"]) for role, spec in graphs.items()
-              if isinstance(spec, dict) and spec.get("external_data") is not None]
+    for role, spec in graphs.items():
+        if isinstance(spec, dict) and not isinstance(spec.get("external_data"), (str, list, type(None))):
+            return f"graph {role}'s external_data is malformed"
+        named += [(f"graph {role}", data) for data in (data_files(spec) if isinstance(spec, dict) else [])]
     variants = m.get("variants", {})
     if not isinstance(variants, dict) or not set(variants) <= set(VARIANTS):
         return f"variants must be among {', '.join(VARIANTS)}"
@@ -258,8 +270,9 @@ def _manifest_problem(folder: Path, m: dict) -> str | None:
         if not isinstance(entry, dict) or entry.get("precision") not in ("fp32", "fp16", "int8", "int4"):
             return f"variant {name} is malformed"
         named += [(f"variant {name}", entry.get("file"))]
-        if entry.get("external_data") is not None:
-            named += [(f"variant {name}", entry["external_data"])]
+        if not isinstance(entry.get("external_data"), (str, list, type(None))):
+            return f"variant {name}'s external_data is malformed"
+        named += [(f"variant {name}", data) for data in data_files(entry)]
     engines = m.get("engines") or {}
     if not isinstance(engines, dict) or not all(isinstance(e, dict) for e in engines.values()):
         return "engines is malformed"
@@ -421,14 +434,14 @@ def files_used(folder: ExportFolder, *, variant: str | None = None, graphs: tupl
     files = [manifest["tokenizer"]["file"], "config.json"]
     if variant is not None:
         entry = folder.variant(variant)
-        files += [entry["file"], entry.get("external_data")]
+        files += [entry["file"], *data_files(entry)]
     elif engines:
         files += [entry["file"] for entry in folder.engines.values()]
     else:
         for role in graphs:
             spec = manifest["graphs"][role]
-            files += [spec["file"], spec.get("external_data")]
-    return [f for f in files if f]
+            files += [spec["file"], *data_files(spec)]
+    return list(dict.fromkeys(f for f in files if f))  # a shared weights file once
 
 
 def unlisted_files(path: Path, manifest: dict) -> list[str]:

@@ -142,6 +142,19 @@ def lively_optimized_path(lively, lively_export_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def lively_shared(lively, tmp_path_factory):
+    """`lively` exported with its weights in one shared file (external_data=True, as from 100 MB of weights),
+    then given the fp32-fused variant (which shares it) and q4 (which does not): (folder, the shared file's
+    os.stat before the variants were added)."""
+    from gptdeploy.app.exporting import export_model, optimize_export
+
+    folder = export_model(lively, tmp_path_factory.mktemp("shared") / "lively", external_data=True).path
+    before = (folder / "onnx" / "model.onnx_data").stat()
+    optimize_export(folder, ["fp32-fused", "q4"], reference=lively.model)
+    return folder, before
+
+
+@pytest.fixture(scope="session")
 def greedy_ids():
     """greedy_ids(folder, prompts, new_tokens, variant=None): what `gptdeploy generate FOLDER --greedy --json`
     gives for the prompts as one batch, per row {"prompt_ids", "generated_ids"}; each asked once a session."""

@@ -110,3 +110,17 @@ def test_onnxruntime_matches_gptdeploy(node_example, folder, reference, name, dt
         assert out["file"] == graph
         got = [{k: o[k] for k in ("prompt_ids", "generated_ids")} for o in out["outputs"]]
         assert got == reference(variant, prompts), prompts
+
+
+@pytest.mark.parametrize("name, dtype, model_file, graph, variant", CASES[:2], ids=[c[0] for c in CASES[:2]])
+def test_shared_weights(node_example, lively_shared, greedy_ids, name, dtype, model_file, graph, variant):
+    """The fp32 graphs of a folder whose weights are in one shared file (onnx/model.onnx_data, which config.json
+    names for transformers.js): both scripts load them as they are."""
+    folder = lively_shared[0]
+    out = _node(node_example, "pipeline.mjs", folder, PROMPTS[0], "--dtype", dtype, "--model-file", model_file,
+                "--max-new-tokens", NEW_TOKENS)
+    (expected,) = greedy_ids(folder, PROMPTS[:1], NEW_TOKENS, variant)
+    assert {k: out[k] for k in expected} == expected
+    out = _node(node_example, "onnxruntime.mjs", folder, *PROMPTS, "--file", graph, "--max-new-tokens", NEW_TOKENS)
+    got = [{k: o[k] for k in ("prompt_ids", "generated_ids")} for o in out["outputs"]]
+    assert got == greedy_ids(folder, PROMPTS, NEW_TOKENS, variant)

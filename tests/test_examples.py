@@ -10,6 +10,7 @@ variant (conftest's lively_optimized_path); the reference is `gptdeploy generate
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -87,6 +88,21 @@ def test_optimum_example_matches_gptdeploy(lively_optimized_path, greedy_ids, va
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])["outputs"]
     assert got == [row for p in PROMPTS for row in greedy_ids(folder, [p], NEW_TOKENS, variant)]
+
+
+@pytest.mark.parametrize("variant", [None, "fp32-fused"], ids=["model.onnx", "fp32-fused"])
+def test_examples_read_shared_weights(lively_shared, greedy_ids, variant):
+    """A folder whose fp32 graphs share onnx/model.onnx_data (tests/test_weights.py): the Python clients
+    load them as they are."""
+    folder = lively_shared[0]
+    graph = VARIANTS[variant].file if variant else "onnx/model.onnx"
+    out = run_example("python_onnxruntime.py", folder, *PROMPTS, "--file", graph, "--max-new-tokens", NEW_TOKENS,
+                      "--json")
+    assert out["outputs"] == greedy_ids(folder, PROMPTS, NEW_TOKENS, variant)
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        out = run_example("genai.py", folder, *PROMPTS, "--max-new-tokens", NEW_TOKENS, "--json",
+                          *(["--variant", variant] if variant else []))
+        assert out["outputs"] == [row for p in PROMPTS for row in greedy_ids(folder, [p], NEW_TOKENS, variant)]
 
 
 def test_each_variant_says_how_genai_runs_it(lively_optimized_path):

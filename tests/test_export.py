@@ -391,9 +391,8 @@ def test_char_level_checkpoint_with_external_data_and_opset_20(tmp_path, char_me
 
     vocab = len(char_meta["itos"])
     ckpt, _ = write_nanogpt_checkpoint(tmp_path / "shakespeare", vocab_size=vocab, meta=char_meta)
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
     loaded = gptdeploy.load(ckpt)
-    result = export_model(loaded, tmp_path / "char-onnx", opset=20)
+    result = export_model(loaded, tmp_path / "char-onnx", opset=20, external_data=True)
     folder = result.path
     manifest = result.manifest
     assert manifest["opset"] == 20 and onnx.load(folder / "onnx/model.onnx", load_external_data=False).opset_import[0].version == 20
@@ -402,8 +401,8 @@ def test_char_level_checkpoint_with_external_data_and_opset_20(tmp_path, char_me
     assert read_export(folder).tokenizer().encode("To be") == [char_meta["stoi"][c] for c in "To be"]
     hf = json.loads((folder / "config.json").read_text())
     assert hf["activation_function"] == "gelu" and hf["eos_token_id"] is None and hf["vocab_size"] == vocab
-    assert manifest["graphs"][WITH_PAST]["external_data"] == "onnx/model.onnx_data"
-    assert manifest["graphs"][NO_PAST]["external_data"] == "onnx/decoder_model.onnx_data"
+    assert manifest["graphs"][WITH_PAST]["external_data"] == ["onnx/model.onnx_data"]
+    assert manifest["graphs"][NO_PAST]["external_data"] == ["onnx/model.onnx_data"]  # one copy, shared
     graph = onnx.load(folder / "onnx/model.onnx", load_external_data=False)
     external = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert any(t.name.endswith("lm_head.weight") for t in external)

@@ -283,12 +283,15 @@ def test_open_runner_makes_a_checkpoints_variant_once(seeded_cache):
     assert runner.folder.variants["int8"]["validation"]["reference"] == "the PyTorch model (fp32)"
 
 
-def test_parity_uses_each_variants_tolerances(optimized, lively):
+def test_parity_uses_each_variants_tolerances(shakespeare_optimized_path, shakespeare):
+    """On the trained model: lively's q4 agrees on 7 of 9 prefill positions when this test runs alone, where
+    top1's 0.8 wants 8 (a random model's near ties)."""
     from gptdeploy.app.parity import compare, record_reference
 
-    record = record_reference(TorchRunner(lively.model), BPETokenizer(), PROMPTS[:2], steps=3, greedy_tokens=8)
-    for name, tolerances in (("fp32-fused", "fp32"), ("int8", "int8"), ("q4", "int4")):
-        result = compare(OrtRunner(optimized.folder, variant=name), record)
+    record = record_reference(TorchRunner(shakespeare.model), BPETokenizer(), ["ROMEO:", "JULIET: O Romeo"],
+                              steps=3, greedy_tokens=8)
+    for name, tolerances in (("fp32-fused", "fp32"), ("int8", "int8"), ("q8", "int8"), ("q4", "int4")):
+        result = compare(OrtRunner(shakespeare_optimized_path, variant=name), record)
         assert result.tolerances == tolerances_for(tolerances)
         assert result.passed, [c.describe() for c in result.failures]
 

@@ -60,6 +60,10 @@ def export(
     variants: Annotated[str | None, typer.Option(
         help="With --optimize: the variants, comma-separated, of fp32-fused, fp16, int8, q8, q4.  [default: "
              "all of them]", show_default=False)] = None,
+    external_data: Annotated[bool | None, typer.Option(
+        "--external-data/--inline",
+        help="Weights in one file that the graphs share (onnx/model.onnx_data), or inside each graph.  [default: "
+             "shared from 100 MB of weights]", show_default=False)] = None,
 ):
     """Export to an ONNX model folder (graphs with and without KV cache), validated in ONNX Runtime."""
     from gptdeploy.app.exporting import ensure_engines, export_model, optimize_export
@@ -77,7 +81,8 @@ def export(
         import_tensorrt()  # what is missing, said before the export, not after it
     progress = Progress()
     loaded = load(source, weights="random" if random else None, seed=seed, progress=progress)
-    result = export_model(loaded, out, precision=precision, opset=opset, force=force, progress=progress)
+    result = export_model(loaded, out, precision=precision, opset=opset, force=force, external_data=external_data,
+                          progress=progress)
     _print_export(source, out, result)
     if optimize:
         _print_variants(optimize_export(out, chosen_variants, reference=loaded.model, progress=progress))
@@ -255,6 +260,7 @@ def info(source: SourceArg = "gpt2", random: RandomOpt = False, seed: SeedOpt = 
 def _export_rows(folder) -> list[tuple[str, str]]:
     """An export folder's manifest, as the rows of `info`."""
     from gptdeploy.config import GPTConfig
+    from gptdeploy.export_folder import data_files
 
     m = folder.manifest
 
@@ -273,7 +279,7 @@ def _export_rows(folder) -> list[tuple[str, str]]:
                           f"{m['tokenizer']['file']}"),
             ("created", f"{m.get('created')} by gptdeploy {m.get('gptdeploy_version')}")]
     for role, spec in m["graphs"].items():
-        data = f", weights in {spec['external_data']}" if spec.get("external_data") else ""
+        data = f", weights in {', '.join(data_files(spec))}" if data_files(spec) else ""
         rows.append((f"graph {role}", f"{spec['file']} ({size(spec['file'])}{data})"))
     for name, entry in folder.variants.items():
         rows.append((f"variant {name}", f"{entry['file']} ({size(entry['file'])}, {entry['precision']}, KV cache "

@@ -30,7 +30,8 @@ from gptdeploy.engines import EngineSettings, engine_spec, make_settings, record
 from gptdeploy.environment import gpu_identity, import_tensorrt
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import (
-    DECODE, FORMAT, FORMAT_VERSION, NO_PAST, PREFILL, VARIANTS, WITH_PAST, ExportFolder, check_destination, files_used,
+    DECODE, FORMAT, FORMAT_VERSION, NO_PAST, PREFILL, VARIANTS, WITH_PAST, ExportFolder, check_destination, data_files,
+    files_used,
     now, read_export, update_manifest, verify, write_manifest,
 )
 from gptdeploy.files import remove_leftovers, replace_folder, sha256_file, staging_folder
@@ -54,12 +55,14 @@ class ExportResult:
 
 
 def export_model(loaded: LoadedModel, out_dir: str | Path, *, precision: str = "fp32", opset: int | None = None,
-                 force: bool = False, progress: Progress = QUIET) -> ExportResult:
+                 force: bool = False, external_data: bool | None = None, progress: Progress = QUIET) -> ExportResult:
     """Exports `loaded` into the folder `out_dir` (see gptdeploy.export_folder for its layout).
 
     precision: "fp32" or "fp16" (graphs in fp16 keep LayerNorms and the logits in fp32).
     opset: the ONNX opset of the graphs, gptdeploy.exporters.onnx_export.DEFAULT_OPSET when None.
     force: replace an existing export folder at out_dir.
+    external_data: the weights in one file that the graphs share (onnx/model.onnx_data), or inside each
+        graph (False); None decides by size (gptdeploy.exporters.onnx_export.EXTERNAL_FROM).
     Raises GptDeployError for bad arguments, an unwritable or occupied destination, and a failed validation.
     """
     import torch
@@ -82,9 +85,11 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, *, precision: str = "
     reference.eval()
     try:
         with staging_folder(out_dir) as tmp:
-            specs = onnx_export.write_graphs(reference, tmp, precision=precision, opset=opset, progress=progress)
+            shared = onnx_export.uses_external_data(reference, precision, external_data)
+            specs = onnx_export.write_graphs(reference, tmp, precision=precision, opset=opset, progress=progress,
+                                             external_data=shared)
             with progress.step("Writing config.json, generation_config.json and the tokenizer"):
-                tokenizer_spec = onnx_export.write_side_files(loaded, tmp, precision)
+                tokenizer_spec = onnx_export.write_side_files(loaded, tmp, precision, external_data=shared)
             with progress.step("Checking the graphs (onnx.checker, shape inference)"):
                 onnx_export.check_graphs(tmp, specs)
             manifest = {
@@ -165,6 +170,9 @@ def optimize_export(folder: ExportFolder | str | Path, variants=None, *, referen
                 against = "PyTorch model" if reference is not None else "portable model.onnx"
                 with progress.step(f"Validating {variant.file} in ONNX Runtime against the {against}"):
                     validation = validate_variant(folder, staged, name, reference, tokenizer)
+                for relative in data_files(entry):  # the export's shared weights, linked in for the validation
+                    if relative in folder.manifest["files"]:
+                        (tmp / relative).unlink(missing_ok=True)
                 if not validation["passed"]:
                     failures = "; ".join(g.get("failures", "") for g in validation["graphs"].values())
                     raise GptDeployError(f"variant {name} failed validation, nothing written: {failures}")
@@ -183,7 +191,9 @@ def _move_variants_into_place(tmp: Path, folder: ExportFolder, entries: dict[str
 
     moved = {}
     for entry in entries.values():
-        for relative in filter(None, (entry["file"], entry["external_data"])):
+        for relative in (entry["file"], *data_files(entry)):
+            if relative in folder.manifest["files"]:  # the export's shared weights: in place already
+                continue
             os.replace(tmp / relative, folder.path / relative)
             moved[relative] = sha256_file(folder.path / relative)
     variants = {**folder.variants, **entries}
