@@ -50,9 +50,12 @@ class LoadedModel:
         return self.random_seed is not None
 
     def source_record(self) -> dict:
-        """What an export's manifest records of where its weights came from (gptdeploy.load takes it back)."""
-        return {"source": self.source, "origin": self.origin, "sha256": self.fingerprint,
-                "random_seed": self.random_seed}
+        """What an export's manifest records of where its weights came from (gptdeploy.load takes it back): a
+        preset by name, a checkpoint by its absolute path (so that it is found from any working directory)."""
+        source = self.source
+        if source not in PRESETS and Path(source).expanduser().exists():
+            source = str(Path(source).expanduser().absolute())
+        return {"source": source, "origin": self.origin, "sha256": self.fingerprint, "random_seed": self.random_seed}
 
     @property
     def fingerprint(self) -> str:

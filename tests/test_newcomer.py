@@ -58,7 +58,7 @@ def test_export_and_generate_need_real_weights_or_random(tmp_path):
         assert "--random" in result.stderr and "shakespeare preset" in result.stderr
 
 
-def test_bench_and_parity_fall_back_to_random_weights(tmp_path, monkeypatch):
+def test_bench_and_parity_fall_back_to_random_weights(tmp_path, monkeypatch, capfd):
     """A preset whose trained weights cannot be had: comparisons run on seeded random weights and say so."""
     from gptdeploy.app.parity_run import Target, run_parity
     from gptdeploy.presets import PRESETS, Preset
@@ -74,6 +74,15 @@ def test_bench_and_parity_fall_back_to_random_weights(tmp_path, monkeypatch):
 
     model = model_under_test(BenchSettings("tiny-hub", ("torch",)))
     assert model.checkpoint.random_seed == 0 and "seeded random weights" in model.notes[0]
+
+    from gptdeploy.app.bench import run_bench
+    from gptdeploy.app.bench_report import BenchProgress
+
+    settings = BenchSettings("tiny-hub", ("torch",), prompt_len=4, new_tokens=2, warmup=0, repeat=1, isolate=False)
+    with BenchProgress() as progress:  # the command's progress, which says the note
+        report = run_bench(settings, progress)
+    assert report["runtimes"][0]["status"] == "ok"
+    assert "note: tiny-hub's trained weights are not here" in capfd.readouterr().err
 
 
 def test_parity_and_bench_on_an_export_folder_use_its_checkpoint(tiny_export_path, tmp_path):
@@ -300,3 +309,16 @@ def test_the_tensorrt_provider_names_the_library_it_cannot_load(tmp_path):
     problem = provider_problem(provider)
     assert "libnvinfer.so.10" in problem and "cannot load" in problem
     assert "is not in this onnxruntime" in provider_problem(tmp_path / "missing.so")
+
+
+def test_an_export_records_its_checkpoint_by_absolute_path(tmp_path, monkeypatch):
+    """`gptdeploy export out/ckpt.pt` from one folder, `gptdeploy parity FOLDER` from another: the manifest's
+    source is the checkpoint's absolute path, so it is found again."""
+    from gptdeploy.loading import load
+    from tests.conftest import write_nanogpt_checkpoint
+
+    write_nanogpt_checkpoint(tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    record = load("out/ckpt.pt").source_record()
+    assert record["source"] == str(tmp_path / "out" / "ckpt.pt")
+    assert load("tiny", weights="random").source_record()["source"] == "tiny"  # presets by name

@@ -57,7 +57,7 @@ from gptdeploy.app.machine import describe_machine, library_versions, load_avera
 from gptdeploy.config import GPTConfig
 from gptdeploy.environment import available_memory_bytes
 from gptdeploy.app.export_cache import ExportCache
-from gptdeploy.app.sources import Checkpoint, checkpoint_of
+from gptdeploy.app.sources import BENCH_ADVICE, Checkpoint, checkpoint_of
 from gptdeploy.errors import GptDeployError, WeightsUnavailable
 from gptdeploy.export_folder import is_export_folder, now, read_export, verify
 from gptdeploy.files import write_atomic
@@ -119,7 +119,7 @@ def model_under_test(settings: BenchSettings) -> ModelUnderTest:
         checkpoint, problem = None, None
         if any(RUNTIMES[split_runtime(n)[0]].runs == CHECKPOINT for n in settings.runtimes):
             try:
-                checkpoint = checkpoint_of(folder)
+                checkpoint = checkpoint_of(folder, advice=BENCH_ADVICE)
             except GptDeployError as e:
                 problem = str(e)
         origin = folder.source.get("origin", "unknown")
@@ -171,6 +171,9 @@ class NoProgress:
 
     def start(self, name: str, total: int):
         return lambda text, advance: None
+
+    def note(self, text: str) -> None:
+        pass
 
     def finish(self, name: str, status: str) -> None:
         pass

@@ -173,6 +173,10 @@ class BenchProgress:
 
         return update
 
+    def note(self, text: str) -> None:
+        """A line of its own, above the bars (a fallback to random weights, say)."""
+        self.lines.note(f"note: {text}")
+
     def finish(self, name: str, status: str) -> None:
         task, total = self._tasks[name]
         self._progress.update(task, description=f"{name}: {status}", completed=total)

@@ -29,7 +29,8 @@ app = typer.Typer(
 )
 
 SourceArg = Annotated[str, typer.Argument(
-    help="Preset name (gpt2, shakespeare, tiny, ...), Hugging Face folder or nanoGPT ckpt.pt; or an export folder.",
+    help="Preset name (gpt2, shakespeare, tiny, ...), Hugging Face folder, nanoGPT ckpt.pt or .safetensors file; "
+         "generate, parity, bench and info also take an export folder.",
     metavar="SOURCE")]
 RandomOpt = Annotated[bool, typer.Option("--random", help="Use the preset's architecture with random weights.",
                                          metavar="")]

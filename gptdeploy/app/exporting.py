@@ -34,7 +34,7 @@ from gptdeploy.export_folder import (
     files_used,
     now, read_export, update_manifest, verify, write_manifest,
 )
-from gptdeploy.files import remove_leftovers, replace_folder, sha256_file, staging_folder
+from gptdeploy.files import deferred_signals, remove_leftovers, replace_folder, sha256_file, staging_folder
 from gptdeploy.progress import QUIET, Progress
 from gptdeploy.steps import prefill_inputs
 
@@ -185,23 +185,23 @@ def optimize_export(folder: ExportFolder | str | Path, variants=None, *, referen
 
 
 def _move_variants_into_place(tmp: Path, folder: ExportFolder, entries: dict[str, dict]) -> ExportFolder:
-    """The variant files into onnx/ (renames), then the manifest, rewritten last."""
+    """The variant files into onnx/ (renames), then the manifest, rewritten last. Hashed before; Ctrl-C and
+    SIGTERM wait for the renames and the manifest (only a SIGKILL in between leaves files it does not list)."""
     import onnxruntime
     import onnxscript
 
-    moved = {}
-    for entry in entries.values():
-        for relative in (entry["file"], *data_files(entry)):
-            if relative in folder.manifest["files"]:  # the export's shared weights: in place already
-                continue
-            os.replace(tmp / relative, folder.path / relative)
-            moved[relative] = sha256_file(folder.path / relative)
+    staged = {relative: sha256_file(tmp / relative) for entry in entries.values()
+              for relative in (entry["file"], *data_files(entry))
+              if relative not in folder.manifest["files"]}  # the export's shared weights: in place already
     variants = {**folder.variants, **entries}
-    return update_manifest(folder, {
-        "variants": {name: variants[name] for name in VARIANTS if name in variants},
-        "versions": {"onnxruntime": onnxruntime.__version__, "onnxscript": onnxscript.__version__},
-        "optimized": now(),
-    }, moved)
+    with deferred_signals():
+        for relative in staged:
+            os.replace(tmp / relative, folder.path / relative)
+        return update_manifest(folder, {
+            "variants": {name: variants[name] for name in VARIANTS if name in variants},
+            "versions": {"onnxruntime": onnxruntime.__version__, "onnxscript": onnxscript.__version__},
+            "optimized": now(),
+        }, staged)
 
 
 def ensure_variants(folder: ExportFolder, variants, *, reference=None, progress: Progress = QUIET) -> ExportFolder:

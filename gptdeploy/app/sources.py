@@ -101,9 +101,14 @@ class Checkpoint:
         return load(self.source, weights=self.weights, seed=self.random_seed or 0, **options)
 
 
-def checkpoint_of(folder: ExportFolder, progress: Progress = QUIET) -> Checkpoint:
+PARITY_ADVICE = ("; pass the checkpoint or preset it was exported from as SOURCE and the folder with --export, or "
+                 "compare ONNX runtimes only (--reference ort)")
+BENCH_ADVICE = "; pass the checkpoint or preset it was exported from as SOURCE to measure torch and hf"
+
+
+def checkpoint_of(folder: ExportFolder, progress: Progress = QUIET, advice: str = PARITY_ADVICE) -> Checkpoint:
     """The checkpoint an export folder was made from, when it is still there with the same weights (sha256);
-    otherwise one GptDeployError that says what to pass instead."""
+    otherwise one GptDeployError that says what is wrong, then `advice`: what to pass instead."""
     import re
 
     from gptdeploy.loading import random_fingerprint
@@ -115,8 +120,6 @@ def checkpoint_of(folder: ExportFolder, progress: Progress = QUIET) -> Checkpoin
     if seed is None and origin.startswith("random weights") and (found := re.search(r"seed (\d+)", origin)):
         seed = int(found.group(1))  # exports made before the manifest recorded the seed
     what = f"{folder.path} was exported from {source or 'an unknown source'} ({origin})"
-    advice = ("; pass the checkpoint or preset it was exported from as SOURCE and the folder with --export, or "
-              "compare ONNX runtimes only (--reference ort)")
     if seed is not None:
         if source in PRESETS and random_fingerprint(source, seed) == recorded.get("sha256"):
             return Checkpoint(source, seed)
