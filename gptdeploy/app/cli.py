@@ -232,6 +232,32 @@ def verify(folder: Annotated[Path, typer.Argument(help="An export folder.")]):
 
 
 @app.command()
+def web(
+    folder: Annotated[Path, typer.Argument(help="An export folder (with tokenizer.json).")],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1; 0 picks a free one.")] = 0,
+    assets: Annotated[Path | None, typer.Option(
+        help="The page's folder, examples/web of a gptdeploy checkout after `npm install` there (the default "
+             "when gptdeploy runs from a checkout).")] = None,
+):
+    """Serve an export folder and a page that runs it in the browser (transformers.js, WASM) on 127.0.0.1.
+
+    Everything comes from this machine: the page, transformers.js and onnxruntime-web's WASM files (from
+    examples/web/node_modules), the folder's graphs. Ctrl-C or SIGTERM stops the server.
+    """
+    from gptdeploy.app.web import open_site, serve
+
+    site = open_site(folder, assets)
+    if not 0 <= port <= 65535:
+        raise GptDeployError(f"--port {port} is not a port (0 to 65535)")
+
+    def ready(url: str) -> None:
+        print(f"Serving {folder} ({', '.join(site.dtypes())}) and the page from {site.assets}; Ctrl-C stops")
+        print(url, flush=True)
+
+    serve(site, port, ready)
+
+
+@app.command()
 def info(source: SourceArg = "gpt2", random: RandomOpt = False, seed: SeedOpt = 0):
     """Print the architecture, parameter count, tokenizer and where the weights came from; for an export
     folder, its manifest: source, precision, graphs, variants, engines, validation and sizes."""
@@ -473,6 +499,9 @@ def parity(
         show_default=False)] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file.",
                                                    show_default=False)] = None,
+    report_file: Annotated[Path | None, typer.Option(
+        "--report", help="Write the report as a self-contained HTML page of charts to this file (needs matplotlib: "
+                         "pip install 'gptdeploy[report]').", show_default=False)] = None,
     device: Annotated[str | None, typer.Option(
         help="Device of the checkpoint runtimes (torch): cpu or cuda[:N].  [default: cpu]",
         show_default=False)] = None,
@@ -495,13 +524,19 @@ def parity(
     if steps < 1 or greedy_tokens < 1:
         raise GptDeployError(f"--steps and --greedy-tokens must be >= 1, got {steps} and {greedy_tokens}")
     _check_output(json_file, "--json")
+    _check_report(report_file)
     report = run_parity(source, targets, reference=parse_reference(reference), export=export,
                         prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS, steps=steps,
                         greedy_tokens=greedy_tokens, tolerances=overrides,
                         weights="random" if random else None, weights_seed=seed, progress=Progress())
     print_report(report)
+    data = report.to_dict()  # one dict for the JSON and the page, so that the two cannot disagree
     if json_file is not None:
-        report.write_json(json_file)
+        report.write_json(json_file, data)
+    if report_file is not None:
+        from gptdeploy.app.html_report import parity_html, write_html
+
+        write_html(parity_html(data), report_file)
     if not report.passed:
         raise typer.Exit(1)
 
@@ -517,6 +552,15 @@ def _check_output(path: Path | None, option: str) -> None:
         raise GptDeployError(f"{option} {path}: the folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise GptDeployError(f"{option} {path}: not writable")
+
+
+def _check_report(path: Path | None) -> None:
+    """--report: a destination we can write, and matplotlib to draw with; both said before the run."""
+    if path is not None:
+        from gptdeploy.app.html_report import require_matplotlib
+
+        _check_output(path, "--report")
+        require_matplotlib()
 
 
 def _check_threads(threads: int) -> None:
@@ -567,6 +611,9 @@ def bench(
         show_default=False)] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file.",
                                                    show_default=False)] = None,
+    report_file: Annotated[Path | None, typer.Option(
+        "--report", help="Write the report as a self-contained HTML page of charts to this file (needs matplotlib: "
+                         "pip install 'gptdeploy[report]').", show_default=False)] = None,
     in_process: Annotated[bool, typer.Option(
         "--in-process", help="Measure every runtime in this process instead of one process each: quicker to "
                              "start, but each runtime's memory then includes the others'.")] = False,
@@ -593,13 +640,122 @@ def bench(
     _check_threads(threads)
     _check_device(device)
     _check_output(json_file, "--json")
+    _check_report(report_file)
     with BenchProgress() as progress:
         report = run_bench(settings, progress)
     print_report(report)
     if json_file is not None:
         write_json(report, json_file)
+    if report_file is not None:
+        from gptdeploy.app.html_report import bench_html, write_html
+
+        write_html(bench_html(report), report_file)
     if any(r["status"] == FAILED for r in report["runtimes"]):
         raise typer.Exit(1)
+
+
+NameOpt = Annotated[str | None, typer.Option(help="Name of the model in Triton.  [default: the preset or folder's "
+                                                    "name]", show_default=False)]
+InstancesOpt = Annotated[int, typer.Option(help="Model instances (each decodes its own batch).")]
+MaxBatchOpt = Annotated[int, typer.Option("--max-batch", help="Rows a model instance decodes together (requests "
+                                          "join and leave its batch at every step).")]
+
+
+@app.command()
+def triton(
+    source: SourceArg = "gpt2",
+    out: Annotated[Path, typer.Option("--out", help="The model repository to write.")] = Path("triton-repo"),
+    variant: Annotated[str | None, typer.Option(help="An ONNX Runtime variant to run (fp32-fused, int8, q4, ...).",
+                                                show_default=False)] = None,
+    runtime: Annotated[str, typer.Option(help="ort (CPU), ort-cuda (GPU), trt (GPU; the step model with ONNX "
+                                         "Runtime's TensorRT accelerator).")] = "ort",
+    instances: InstancesOpt = 1,
+    name: NameOpt = None,
+    max_batch: MaxBatchOpt = 16,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing repository.")] = False,
+    random: RandomOpt = False,
+    seed: SeedOpt = 0,
+):
+    """Write a Triton Inference Server model repository: a decoupled python-backend model that streams tokens,
+    and the KV-cache step graph on the onnxruntime backend."""
+    from gptdeploy.app.serving import export_of
+    from gptdeploy.app.triton_repo import RepoSettings, write_repository
+
+    settings = RepoSettings(name or _model_name(source), runtime, variant, instances, max_batch)
+    settings.check()
+    if out.exists() and not force:
+        raise GptDeployError(f"{out} exists; pass --force to replace it")
+    folder = export_of(source, random=random, seed=seed, variant=variant, progress=Progress())
+    repo = write_repository(folder, out, settings, force=force)
+    print(f"Wrote {repo}/: {settings.name} (python backend, decoupled), {settings.name}_step (onnxruntime backend), "
+          f"README.md")
+    print(f"Serve it: docker run ... tritonserver --model-repository /models ({repo}/README.md), or "
+          f"gptdeploy serve {source}")
+
+
+@app.command()
+def serve(
+    source: SourceArg = "gpt2",
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="HTTP port (KServe v2 and the generate extension).")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    instances: InstancesOpt = 1,
+    name: NameOpt = None,
+    max_batch: MaxBatchOpt = 16,
+    variant: Annotated[str | None, typer.Option(help="An ONNX Runtime variant to run.", show_default=False)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show the Triton server's log.")] = False,
+    random: RandomOpt = False,
+    seed: SeedOpt = 0,
+):
+    """Serve a model with the Triton Inference Server on this machine (needs pip install 'gptdeploy[serve]').
+
+    Ctrl-C or SIGTERM stops the server and its model processes (exit code 0).
+    """
+    from gptdeploy.app.serving import Ports, TritonServer, export_of, find_triton, served_repository
+    from gptdeploy.app.triton_repo import RepoSettings
+    from gptdeploy.files import deferred_signals
+
+    settings = RepoSettings(name or _model_name(source), "ort", variant, instances, max_batch)
+    settings.check()
+    ports = Ports(http_port, grpc_port, metrics_port)
+    ports.check()
+    find_triton()
+    progress = Progress()
+    repo = served_repository(export_of(source, random=random, seed=seed, variant=variant, progress=progress),
+                             settings)
+    log = (lambda line: print(line, file=sys.stderr)) if verbose else None
+    server = TritonServer(repo, host, ports, models=[settings.name], log=log)
+    try:
+        with progress.step(f"Starting the Triton server on {repo}"):
+            server.start()
+        if server.note:
+            print(server.note, file=sys.stderr)
+        print(f"Serving {settings.name} with the Triton Inference Server (pid {server.process.pid})")
+        print(f"  HTTP     {server.http_url}/v2/models/{settings.name}/generate (and generate_stream)")
+        print(f"  gRPC     {server.grpc_url}")
+        print(f"  metrics  {server.metrics_url} (Prometheus)")
+        print(f"  try: curl -s {server.http_url}/v2/models/{settings.name}/generate "
+              f"-d '{{\"text_input\": \"ROMEO:\", \"max_tokens\": 20}}'")
+        print("Ctrl-C stops it.", flush=True)
+        code = server.wait()
+        raise RuntimeFailed(f"the Triton server exited on its own (exit code {code})")
+    except Interrupted:
+        with deferred_signals():
+            server.stop()
+        print("Stopped the Triton server.", flush=True)
+        return EXIT_OK
+    finally:
+        with deferred_signals():
+            server.stop()
+
+
+def _model_name(source: str) -> str:
+    """A Triton model name from SOURCE: the preset, or the folder's name."""
+    path = Path(source).expanduser()
+    name = path.resolve().name if path.exists() else source
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".")
+    return name or "model"
 
 
 class Interrupted(BaseException):

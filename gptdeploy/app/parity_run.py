@@ -204,6 +204,9 @@ class ParityReport:
             "notes": self.notes,
         }
 
-    def write_json(self, path: str | Path) -> None:
-        """Writes to a temporary file beside `path`, renamed at the end: never a half-written report."""
-        write_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+    def write_json(self, path: str | Path, data: dict | None = None) -> None:
+        """Writes to a temporary file beside `path`, renamed at the end: never a half-written report.
+
+        data: the report's to_dict() already made (the one an HTML report is drawn from too); default: a new one.
+        """
+        write_atomic(Path(path), json.dumps(self.to_dict() if data is None else data, indent=2) + "\n")
