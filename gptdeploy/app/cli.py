@@ -232,6 +232,36 @@ def verify(folder: Annotated[Path, typer.Argument(help="An export folder.")]):
 
 
 @app.command()
+def web(
+    folder: Annotated[Path, typer.Argument(help="An export folder (with tokenizer.json).")],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1; 0 picks a free one.")] = 0,
+    assets: Annotated[Path | None, typer.Option(
+        help="The page's folder, examples/web of a gptdeploy checkout after `npm install` there (the default "
+             "when gptdeploy runs from a checkout).")] = None,
+):
+    """Serve an export folder and a page that runs it in the browser (transformers.js, WASM) on 127.0.0.1.
+
+    Everything comes from this machine: the page, transformers.js and onnxruntime-web's WASM files (from
+    examples/web/node_modules), the folder's graphs. Ctrl-C or SIGTERM stops the server (exit code 0).
+    """
+    from gptdeploy.app.web import open_site, serve
+
+    site = open_site(folder, assets)
+    if not 0 <= port <= 65535:
+        raise GptDeployError(f"--port {port} is not a port (0 to 65535)")
+
+    def ready(url: str) -> None:
+        print(f"Serving {folder} ({', '.join(site.dtypes())}) and the page from {site.assets}; Ctrl-C stops")
+        print(url, flush=True)
+
+    try:
+        serve(site, port, ready)
+    except Interrupted:
+        print("Stopped.", flush=True)
+        return EXIT_OK
+
+
+@app.command()
 def info(source: SourceArg = "gpt2", random: RandomOpt = False, seed: SeedOpt = 0):
     """Print the architecture, parameter count, tokenizer and where the weights came from; for an export
     folder, its manifest: source, precision, graphs, variants, engines, validation and sizes."""
