@@ -658,6 +658,110 @@ def bench(
         raise typer.Exit(1)
 
 
+NameOpt = Annotated[str | None, typer.Option(help="Name of the model in Triton.  [default: the preset or folder's "
+                                                    "name]", show_default=False)]
+InstancesOpt = Annotated[int, typer.Option(help="Model instances (each decodes its own batch).")]
+MaxBatchOpt = Annotated[int, typer.Option("--max-batch", help="Rows a model instance decodes together (requests "
+                                          "join and leave its batch at every step).")]
+
+
+@app.command()
+def triton(
+    source: SourceArg = "gpt2",
+    out: Annotated[Path, typer.Option("--out", help="The model repository to write.")] = Path("triton-repo"),
+    variant: Annotated[str | None, typer.Option(help="An ONNX Runtime variant to run (fp32-fused, int8, q4, ...).",
+                                                show_default=False)] = None,
+    runtime: Annotated[str, typer.Option(help="ort (CPU), ort-cuda (GPU), trt (GPU; the step model with ONNX "
+                                         "Runtime's TensorRT accelerator).")] = "ort",
+    instances: InstancesOpt = 1,
+    name: NameOpt = None,
+    max_batch: MaxBatchOpt = 16,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing repository.")] = False,
+    random: RandomOpt = False,
+    seed: SeedOpt = 0,
+):
+    """Write a Triton Inference Server model repository: a decoupled python-backend model that streams tokens,
+    and the KV-cache step graph on the onnxruntime backend."""
+    from gptdeploy.app.serving import export_of
+    from gptdeploy.app.triton_repo import RepoSettings, write_repository
+
+    settings = RepoSettings(name or _model_name(source), runtime, variant, instances, max_batch)
+    settings.check()
+    if out.exists() and not force:
+        raise GptDeployError(f"{out} exists; pass --force to replace it")
+    folder = export_of(source, random=random, seed=seed, variant=variant, progress=Progress())
+    repo = write_repository(folder, out, settings, force=force)
+    print(f"Wrote {repo}/: {settings.name} (python backend, decoupled), {settings.name}_step (onnxruntime backend), "
+          f"README.md")
+    print(f"Serve it: docker run ... tritonserver --model-repository /models ({repo}/README.md), or "
+          f"gptdeploy serve {source}")
+
+
+@app.command()
+def serve(
+    source: SourceArg = "gpt2",
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="HTTP port (KServe v2 and the generate extension).")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    instances: InstancesOpt = 1,
+    name: NameOpt = None,
+    max_batch: MaxBatchOpt = 16,
+    variant: Annotated[str | None, typer.Option(help="An ONNX Runtime variant to run.", show_default=False)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show the Triton server's log.")] = False,
+    random: RandomOpt = False,
+    seed: SeedOpt = 0,
+):
+    """Serve a model with the Triton Inference Server on this machine (needs pip install 'gptdeploy[serve]').
+
+    Ctrl-C or SIGTERM stops the server and its model processes (exit code 0).
+    """
+    from gptdeploy.app.serving import Ports, TritonServer, export_of, find_triton, served_repository
+    from gptdeploy.app.triton_repo import RepoSettings
+    from gptdeploy.files import deferred_signals
+
+    settings = RepoSettings(name or _model_name(source), "ort", variant, instances, max_batch)
+    settings.check()
+    ports = Ports(http_port, grpc_port, metrics_port)
+    ports.check()
+    find_triton()
+    progress = Progress()
+    repo = served_repository(export_of(source, random=random, seed=seed, variant=variant, progress=progress),
+                             settings)
+    log = (lambda line: print(line, file=sys.stderr)) if verbose else None
+    server = TritonServer(repo, host, ports, models=[settings.name], log=log)
+    try:
+        with progress.step(f"Starting the Triton server on {repo}"):
+            server.start()
+        if server.note:
+            print(server.note, file=sys.stderr)
+        print(f"Serving {settings.name} with the Triton Inference Server (pid {server.process.pid})")
+        print(f"  HTTP     {server.http_url}/v2/models/{settings.name}/generate (and generate_stream)")
+        print(f"  gRPC     {server.grpc_url}")
+        print(f"  metrics  {server.metrics_url} (Prometheus)")
+        print(f"  try: curl -s {server.http_url}/v2/models/{settings.name}/generate "
+              f"-d '{{\"text_input\": \"ROMEO:\", \"max_tokens\": 20}}'")
+        print("Ctrl-C stops it.", flush=True)
+        code = server.wait()
+        raise RuntimeFailed(f"the Triton server exited on its own (exit code {code})")
+    except Interrupted:
+        with deferred_signals():
+            server.stop()
+        print("Stopped the Triton server.", flush=True)
+        return EXIT_OK
+    finally:
+        with deferred_signals():
+            server.stop()
+
+
+def _model_name(source: str) -> str:
+    """A Triton model name from SOURCE: the preset, or the folder's name."""
+    path = Path(source).expanduser()
+    name = path.resolve().name if path.exists() else source
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".")
+    return name or "model"
+
+
 class Interrupted(BaseException):
     """Ctrl-C (SIGINT) or SIGTERM (timeout, CI runners, docker stop): unwinds the command, so that nothing is
     left half-written. Not a KeyboardInterrupt, which typer would turn into a silent exit code."""

@@ -1,0 +1,179 @@
+"""The python-backend model of a gptdeploy Triton repository (`gptdeploy triton` copies this file as model.py).
+
+Decoupled: execute() checks each request, hands it to a Batcher (gptdeploy.app.batching: continuous
+batching over gptdeploy's runner) and returns at once; the batcher thread sends the responses. It
+imports gptdeploy from the copy beside it, and runs the export folder beside it, so the repository
+needs nothing outside itself.
+
+Inputs (all optional but one of text_input, input_ids): text_input (BYTES), input_ids (INT64 [-1]),
+max_tokens (INT32), temperature (FP32; 0 is greedy), top_k (INT32), top_p (FP32), seed (UINT64),
+stream (BOOL: one response per token; otherwise one response with every token).
+Outputs: text_output (BYTES: the new text of this response), token_ids (INT64 [-1]: its token ids),
+finish_reason (BYTES: "" while streaming, then eot, length or cancelled).
+A bad request gets an error response (HTTP 400): the prompt too long, max_tokens out of range, a
+wrong parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))  # the gptdeploy copy in this model's version folder
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _scalar(request, name: str, kind, default):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return default
+    values = tensor.as_numpy().reshape(-1)
+    if values.size != 1:
+        raise BadRequest(f"{name} takes one value, got {values.size}")
+    value = values[0]
+    if kind is bool:
+        return bool(value)
+    if kind is int and not np.issubdtype(values.dtype, np.integer):
+        raise BadRequest(f"{name} must be an integer")
+    return kind(value)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from gptdeploy.app.batching import Batcher
+        from gptdeploy.export_folder import read_export
+        from gptdeploy.runtimes.base import OpenOptions
+        from gptdeploy.runtimes.registry import require
+
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.model_name = args["model_name"]
+        folder = read_export(HERE / "export")
+        device = None
+        if params.get("runtime", "ort") != "ort":
+            device = f"cuda:{args.get('model_instance_device_id', '0')}"
+        variant = params.get("variant") or None
+        self.runner = require(params.get("runtime", "ort")).open(
+            folder, OpenOptions(device=device, variant=variant, threads=int(params.get("threads", "0"))))
+        self.tokenizer = folder.tokenizer()
+        self.block_size = self.runner.info.block_size
+        self.max_prompt_bytes = int(params.get("max_prompt_bytes", "65536"))
+        self.default_max_tokens = int(params.get("default_max_tokens", "64"))
+        self.batcher = Batcher(self.runner, self.tokenizer, max_batch=int(params.get("max_batch", "16")))
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                prompt_ids, generation, streaming = self._parse(request)
+            except BadRequest as e:
+                self._refuse(sender, str(e))
+                continue
+            except Exception as e:  # noqa: BLE001 - whatever the checks raise (GptDeployError): the client's fault
+                self._refuse(sender, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                continue
+            self.batcher.submit(self._job(prompt_ids, generation, streaming, sender))
+        return None
+
+    def _refuse(self, sender, message: str) -> None:
+        error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+        sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+
+    def _parse(self, request):
+        from gptdeploy.app.generation import GenerationConfig, prepare_prompts
+
+        text = pb_utils.get_input_tensor_by_name(request, "text_input")
+        ids = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        if (text is None) == (ids is None):
+            raise BadRequest("give text_input or input_ids (one of them)")
+        if text is not None:
+            values = text.as_numpy().reshape(-1)
+            if values.size != 1:
+                raise BadRequest(f"text_input takes one string, got {values.size}")
+            raw = values[0]
+            raw = raw if isinstance(raw, bytes) else str(raw).encode()
+            if len(raw) > self.max_prompt_bytes:
+                raise BadRequest(f"text_input has {len(raw)} bytes; at most {self.max_prompt_bytes}")
+            try:
+                prompt = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest("text_input is not UTF-8") from None
+        else:
+            array = ids.as_numpy().reshape(-1)
+            if not np.issubdtype(array.dtype, np.integer):
+                raise BadRequest("input_ids must be integers")
+            if array.size > self.block_size:
+                raise BadRequest(f"input_ids has {array.size} tokens; the model's context is {self.block_size}")
+            prompt = [int(i) for i in array]
+        max_tokens = _scalar(request, "max_tokens", int, self.default_max_tokens)
+        if not 1 <= max_tokens <= self.block_size:
+            raise BadRequest(f"max_tokens must be from 1 to {self.block_size} (the model's context), got {max_tokens}")
+        temperature = _scalar(request, "temperature", float, 1.0)
+        top_k = _scalar(request, "top_k", int, 0)
+        top_p = _scalar(request, "top_p", float, 1.0)
+        seed = _scalar(request, "seed", int, None)
+        generation = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k or None,
+                                      top_p=None if top_p == 1.0 else top_p, seed=seed)
+        generation.check()
+        rows = prepare_prompts(self.tokenizer, [prompt], self.runner.info.vocab_size, self.block_size, max_tokens)
+        return rows[0], generation, _scalar(request, "stream", bool, False)
+
+    def _job(self, prompt_ids, generation, streaming: bool, sender):
+        from gptdeploy.app.batching import CANCELLED, ERROR, Job
+        from gptdeploy.app.generation import TextStream
+
+        pieces = TextStream(self.tokenizer, skip_ids=[self.tokenizer.eot_id])
+        lock = threading.Lock()
+
+        def response(text: str, ids: list[int], reason: str):
+            return pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_)),
+                pb_utils.Tensor("token_ids", np.array(ids, dtype=np.int64)),
+                pb_utils.Tensor("finish_reason", np.array([reason.encode()], dtype=np.object_)),
+            ])
+
+        def emit(token: int) -> bool:
+            if sender.is_cancelled():
+                return False
+            if streaming:
+                piece = pieces.push(token)
+                try:
+                    with lock:
+                        sender.send(response(piece, [token], ""))
+                except Exception:  # noqa: BLE001 - the client is gone
+                    return False
+            return True
+
+        def finish(reason: str, new_ids: list[int], message: str) -> None:
+            with lock:
+                if reason == ERROR:
+                    error = pb_utils.TritonError(message or "generation failed", pb_utils.TritonError.INTERNAL)
+                    sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+                elif reason == CANCELLED or not streaming:
+                    text = self.tokenizer.decode([i for i in new_ids if i != self.tokenizer.eot_id])
+                    if reason == CANCELLED:
+                        pb_utils.Logger.log_info(f"gptdeploy: a request was cancelled after {len(new_ids)} tokens "
+                                                 f"(its client is gone); its slot is free")
+                        sender.send(flags=FINAL)
+                    else:
+                        sender.send(response(text, new_ids, reason), flags=FINAL)
+                else:
+                    sender.send(response(pieces.finish(), [], reason), flags=FINAL)
+
+        return Job(prompt_ids, generation, emit, finish)
+
+    def finalize(self):
+        self.batcher.close()
+        self.runner.close()
