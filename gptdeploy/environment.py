@@ -104,6 +104,12 @@ REQUIREMENTS: dict[str, Requirement] = {
         f"this onnxruntime has no TensorrtExecutionProvider (onnxruntime-gpu is not installed); install it in "
         f"place of onnxruntime: pip uninstall -y onnxruntime && {ORT_TRT_EXTRA}"),
     "tensorrt": Requirement(has_tensorrt, f"TensorRT is not installed; install it: {TRT_EXTRA}"),
+    "ctranslate2": Requirement(lambda: has_module("ctranslate2"),
+                               "CTranslate2 is not installed; install it: pip install 'gptdeploy[ct2]'"),
+    "llama-cpp": Requirement(lambda: has_module("llama_cpp") and has_module("gguf"),
+                             "llama-cpp-python (and gguf) is not installed; install it: pip install "
+                             "'gptdeploy[llama-cpp]' (llama-cpp-python compiles llama.cpp from source: half an "
+                             "hour on 2 cores)"),
     "gpu": Requirement(lambda: cuda_device_count() > 0,
                        "no CUDA GPU is visible (no NVIDIA driver, or no device)"),
     "torch-cuda": Requirement(

@@ -68,8 +68,44 @@ RUNTIMES: dict[str, RuntimeSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class PeerSpec:
+    """An engine users would pick instead of gptdeploy, measured beside the runtimes by `gptdeploy bench`
+    (a baseline, not a Runner: see gptdeploy.runtimes.peers). `types`: the weight types its files are
+    made in (bench names one as ENGINE:TYPE), the first the default."""
+    name: str
+    summary: str
+    requires: tuple[str, ...]
+    factory: str  # "module:Class" of its PeerEngine
+    types: tuple[str, ...]
+    device: str = "cpu"
+
+    def missing(self) -> list[str]:
+        return missing(*self.requires)
+
+    def engine_class(self):
+        module, _, name = self.factory.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+PEERS: dict[str, PeerSpec] = {
+    spec.name: spec
+    for spec in [
+        PeerSpec("ct2", "CTranslate2's Generator, converted by its transformers converter (bench baseline)",
+                 ("ctranslate2", "transformers", "torch"), "gptdeploy.runtimes.peers:Ct2Engine",
+                 ("float32", "int8", "int8_float32", "bfloat16", "int8_bfloat16")),
+        PeerSpec("llama.cpp", "llama.cpp through llama-cpp-python, GGUF in llama.cpp's GPT-2 layout, quantized by "
+                 "llama.cpp (bench baseline)", ("llama-cpp", "torch"), "gptdeploy.runtimes.peers:LlamaCppEngine",
+                 ("f32", "f16", "q8_0", "q4_0")),
+    ]
+}
+
+
 def spec_of(name: str) -> RuntimeSpec:
     """The runtime's spec; one GptDeployError for an unknown name."""
+    if name in PEERS:
+        raise GptDeployError(f"{name} is another engine, measured beside gptdeploy's runtimes by gptdeploy bench "
+                             f"only; choose one of {', '.join(RUNTIMES)}")
     if name not in RUNTIMES:
         raise GptDeployError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
     return RUNTIMES[name]

@@ -70,7 +70,9 @@ def test_report_has_every_field(report):
             assert len(b["prefill"]["runs_ms"]) == 2 and b["decode"]["steps"] == 3
             assert 0 < b["decode"]["p50_ms"] <= b["decode"]["p90_ms"] <= b["decode"]["p99_ms"]
             assert 0 < b["generation"]["ttft_ms"] / 1e3 < b["generation"]["total_s"]
-            assert b["generation"]["new_tokens"] == 4 and set(b["speedup"]) == {"prefill", "decode", "generation"}
+            assert b["generation"]["new_tokens"] == 4
+            assert set(b["speedup"]) == {"prefill", "decode", "decode_end_to_end", "generation"}
+            assert b["generation"]["decode_ms_per_token"] > 0
             floor = b["bandwidth_floor"]
             assert 0 < floor["floor_ms"] and floor["read_gb_per_s"] == bandwidth["gb_per_s"]
     hf, torch_, ort = report["runtimes"]
@@ -102,6 +104,8 @@ def test_figures_match_a_runtime_of_known_speed(sleepy):
         assert prefill_s <= b["generation"]["ttft_ms"] / 1e3 < prefill_s + 0.03
         assert b["generation"]["total_s"] == pytest.approx(prefill_s + steps * decode_s, rel=0.35)
         assert b["generation"]["total_s"] >= prefill_s + steps * decode_s
+        # end to end: (total - first token) / later tokens, the loop's own work included
+        assert decode_s <= b["generation"]["decode_ms_per_token"] / 1e3 < decode_s + 0.01
 
 
 def test_bytes_per_step_count_the_weights_a_decode_step_reads():

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptdeploy.app.bench_settings import OK, UNAVAILABLE, BenchSettings, split_runtime
+from gptdeploy.app.bench_settings import OK, UNAVAILABLE, BenchSettings, is_peer, split_runtime
 from gptdeploy.app.bench_worker import Worker, WorkerFailed
 from gptdeploy.app.machine import describe_machine, library_versions, load_average, measure_read_bandwidth
 from gptdeploy.config import GPTConfig
@@ -62,7 +62,7 @@ from gptdeploy.errors import GptDeployError, WeightsUnavailable
 from gptdeploy.export_folder import is_export_folder, now, read_export, verify
 from gptdeploy.files import write_atomic
 from gptdeploy.precision import CHECKPOINT, PRECISIONS
-from gptdeploy.runtimes.registry import RUNTIMES, unavailable_reason
+from gptdeploy.runtimes.registry import PEERS, RUNTIMES, unavailable_reason
 
 REPORT_FORMAT = "gptdeploy-bench"
 REPORT_VERSION = 1
@@ -117,7 +117,7 @@ def model_under_test(settings: BenchSettings) -> ModelUnderTest:
             raise GptDeployError(f"{settings.source} is a {folder.precision} export; it cannot run in "
                                  f"{settings.precision}")
         checkpoint, problem = None, None
-        if any(RUNTIMES[split_runtime(n)[0]].runs == CHECKPOINT for n in settings.runtimes):
+        if any(_runs_checkpoint(n) for n in settings.runtimes):
             try:
                 checkpoint = checkpoint_of(folder, advice=BENCH_ADVICE)
             except GptDeployError as e:
@@ -147,6 +147,8 @@ def summarise(settings: BenchSettings, batch: int, rounds: list[dict], generatio
     decode_runs_s = [sum(r["steps_s"]) for r in rounds]
     step_s = [s for r in rounds for s in r["steps_s"]]
     ttft_s, total_s = [g["ttft_s"] for g in generations], [g["total_s"] for g in generations]
+    # decode as a user sees it: the generation after its first token, per token, the loop's own work included
+    e2e_ms = [(g["total_s"] - g["ttft_s"]) / (settings.new_tokens - 1) * 1e3 for g in generations]
     steps = settings.new_tokens - 1
     p50, p90, p99 = np.percentile(step_s, [50, 90, 99])
     prefill, decode, total = (statistics.median(runs) for runs in (prefill_s, decode_runs_s, total_s))
@@ -158,6 +160,7 @@ def summarise(settings: BenchSettings, batch: int, rounds: list[dict], generatio
                    "mean_ms": float(np.mean(step_s)) * 1e3,
                    "tokens_per_s": batch * steps / decode, "runs_s": decode_runs_s},
         "generation": {"new_tokens": settings.new_tokens, "ttft_ms": statistics.median(ttft_s) * 1e3,
+                       "decode_ms_per_token": statistics.median(e2e_ms),
                        "total_s": total, "tokens_per_s": batch * settings.new_tokens / total, "runs_s": total_s},
     }
 
@@ -187,7 +190,7 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
     per runtime saying what it lacks, before anything loads.
     """
     settings.check()
-    lacking = {name: reason for name in settings.runtimes if (reason := unavailable_reason(split_runtime(name)[0]))}
+    lacking = {name: reason for name in settings.runtimes if (reason := _missing(name))}
     if len(lacking) == len(settings.runtimes):
         raise GptDeployError("\n".join(f"runtime {name!r} cannot run here: {reason}" for name, reason in lacking.items()))
     return _BenchRun(settings, progress or NoProgress()).run()
@@ -230,7 +233,7 @@ class _BenchRun:
 
     def run(self) -> dict:
         for name in self.settings.runtimes:
-            if reason := _unavailable_reason(name, self.model):
+            if reason := _unavailable_reason(name, self.model, self.settings.batches):
                 self.rows[name] = {"runtime": name, "status": UNAVAILABLE, "reason": reason}
         if len(self.rows) == len(self.settings.runtimes):  # nothing to measure here: say why, one line each
             raise GptDeployError("\n".join(f"runtime {name!r} cannot run on {self.settings.source}: {row['reason']}"
@@ -283,8 +286,9 @@ class _BenchRun:
             self.updates[name]("set-up", 0)
             folder = self.export.get("folder") if _needs_export(name) else None
             try:
-                self.workers[name] = Worker("runtime", (self._settings_for(name), name,
-                                                        _runtime_device(name, self.used), folder), s.isolate)
+                kind = "peer" if is_peer(name) else "runtime"
+                self.workers[name] = Worker(kind, (self._settings_for(name), name,
+                                                   _runtime_device(name, self.used), folder), s.isolate)
                 self.updates[name]("set up", 1)
             except WorkerFailed as e:
                 self._failed(name, e)
@@ -382,7 +386,22 @@ class _BenchRun:
         }
 
 
+def _missing(name: str) -> str | None:
+    """What this machine lacks to run runtime or engine `name`, in one line; None when it can."""
+    engine = split_runtime(name)[0]
+    if engine in PEERS:
+        return "; ".join(problems) if (problems := PEERS[engine].missing()) else None
+    return unavailable_reason(engine)
+
+
+def _runs_checkpoint(name: str) -> bool:
+    """torch and hf run the checkpoint; so do the other engines, converting it first."""
+    return is_peer(name) or RUNTIMES[split_runtime(name)[0]].runs == CHECKPOINT
+
+
 def _runtime_device(name: str, settings: BenchSettings) -> str | None:
+    if is_peer(name):
+        return PEERS[split_runtime(name)[0]].device
     spec = RUNTIMES[split_runtime(name)[0]]
     if spec.runs == CHECKPOINT:
         if settings.device:
@@ -395,11 +414,19 @@ def _runtime_device(name: str, settings: BenchSettings) -> str | None:
     return settings.device if settings.device and settings.device.startswith("cuda") else "cuda:0"
 
 
-def _unavailable_reason(name: str, model: ModelUnderTest) -> str | None:
+def _unavailable_reason(name: str, model: ModelUnderTest, batches: tuple[int, ...] = (1,)) -> str | None:
     runtime, variant = split_runtime(name)
-    spec = RUNTIMES[runtime]
-    if missing := unavailable_reason(runtime):
+    if missing := _missing(name):
         return missing
+    if runtime in PEERS:
+        if model.export_folder and model.checkpoint is None:
+            return f"converts the checkpoint: {model.checkpoint_problem}"
+        if model.precision != "fp32":
+            return f"converts fp32 weights; this run is {model.precision} (its weight type is the one named)"
+        if set(batches) != {1}:
+            return "measured at batch 1 only (--batch 1): its own generation loop runs one sequence"
+        return None
+    spec = RUNTIMES[runtime]
     if spec.runs == CHECKPOINT and model.export_folder and model.checkpoint is None:
         return f"runs a checkpoint: {model.checkpoint_problem}"
     if spec.runs != CHECKPOINT and model.precision not in ("fp32", "fp16"):
@@ -412,7 +439,7 @@ def _unavailable_reason(name: str, model: ModelUnderTest) -> str | None:
 
 
 def _needs_export(name: str) -> bool:
-    return RUNTIMES[split_runtime(name)[0]].runs != CHECKPOINT
+    return not _runs_checkpoint(name)
 
 
 def _add_comparisons(runtimes: list[dict], model: ModelUnderTest, prompt_len: int, gb_per_s: float) -> str | None:
@@ -431,12 +458,18 @@ def _add_comparisons(runtimes: list[dict], model: ModelUnderTest, prompt_len: in
             b["speedup"] = {
                 "prefill": b["prefill"]["tokens_per_s"] / base["prefill"]["tokens_per_s"],
                 "decode": b["decode"]["tokens_per_s"] / base["decode"]["tokens_per_s"],
+                "decode_end_to_end": (base["generation"]["decode_ms_per_token"]
+                                      / b["generation"]["decode_ms_per_token"]),
                 "generation": base["generation"]["total_s"] / b["generation"]["total_s"],
             }
             steps = b["decode"]["steps"]
             mean_past = prompt_len + (steps - 1) / 2
-            weights = model.weight_bytes_per_step(runtime["precision"])
-            kv = model.kv_bytes(b["batch"], round(mean_past), runtime["precision"])
+            if runtime.get("peer"):  # another engine: the bytes of its own files and KV cache
+                weights = runtime["weight_bytes_per_step"]
+                kv = round(model.kv_bytes(b["batch"], round(mean_past), "fp32") / 4 * runtime["kv_bytes_per_value"])
+            else:
+                weights = model.weight_bytes_per_step(runtime["precision"])
+                kv = model.kv_bytes(b["batch"], round(mean_past), runtime["precision"])
             floor_ms = (weights + kv) / (gb_per_s * 1e9) * 1e3
             on_cpu = runtime["device"] == "cpu"  # the bandwidth measured is the host's
             b["bandwidth_floor"] = {

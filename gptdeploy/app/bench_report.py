@@ -69,13 +69,14 @@ def speed_table(report: dict) -> Table:
     for header, justify in [("runtime", "left"), ("batch", "right"), ("prefill\nms", "right"),
                             ("prefill\ntok/s", "right"), ("decode ms\np50 / p90 / p99", "right"),
                             ("decode\ntok/s", "right"), ("first\ntoken ms", "right"), ("total\ns", "right"),
-                            (f"prefill\n× {base}", "right"), (f"decode\n× {base}", "right"),
+                            ("decode e2e\nms/token", "right"), (f"prefill\n× {base}", "right"),
+                            (f"decode\n× {base}", "right"), (f"decode e2e\n× {base}", "right"),
                             ("bandwidth\nlimit", "right")]:
         table.add_column(header, justify=justify)
     for runtime in report["runtimes"]:
         if runtime["status"] != OK:
             style = "red" if runtime["status"] == FAILED else "yellow"
-            table.add_row(runtime["runtime"], f"[{style}]{runtime['status']}[/]", *[DASH] * 9)
+            table.add_row(runtime["runtime"], f"[{style}]{runtime['status']}[/]", *[DASH] * 11)
             continue
         for b in runtime["batches"]:
             d, floor = b["decode"], b["bandwidth_floor"]["fraction_of_limit"]
@@ -84,7 +85,9 @@ def speed_table(report: dict) -> Table:
                 _rate(b["prefill"]["tokens_per_s"]),
                 f"{_ms(d['p50_ms'])} / {_ms(d['p90_ms'])} / {_ms(d['p99_ms'])}", _rate(d["tokens_per_s"]),
                 _ms(b["generation"]["ttft_ms"]), _seconds(b["generation"]["total_s"]),
+                _ms(b["generation"].get("decode_ms_per_token")),
                 _times(b["speedup"]["prefill"]), _times(b["speedup"]["decode"]),
+                _times(b["speedup"].get("decode_end_to_end")),
                 DASH if floor is None else f"{floor:.0%} of {b['bandwidth_floor']['read_gb_per_s']:.0f} GB/s",
             )
     return table
@@ -101,8 +104,8 @@ def setup_table(report: dict) -> Table:
             table.add_row(runtime["runtime"], f"[{style}]{runtime['status']} (below)[/]", *[DASH] * 9)
             continue
         setup, memory = runtime["setup"], runtime["memory"]
-        export = _seconds(setup.get("export_s"))
-        if setup.get("export_reused"):
+        export = _seconds(setup.get("export_s", setup.get("convert_s")))
+        if setup.get("export_reused") or setup.get("convert_reused"):
             export += " (cached)"
         table.add_row(
             runtime["runtime"], escape(runtime["runner"]), str(runtime["threads"] or DASH),
@@ -116,7 +119,9 @@ def setup_table(report: dict) -> Table:
 
 FOOTNOTES = [
     "decode: the new tokens after the first, one step each with the KV cache; first token and total: "
-    "gptdeploy's generate, greedy.",
+    "gptdeploy's generate, greedy; decode e2e: (total - first token) / (new tokens - 1), the loop's own work "
+    "included. ct2 and llama.cpp: their own generation loops (greedy, no early stop) for all of these; their "
+    "export column is the conversion of the same weights.",
     "bandwidth limit: (weights + KV cache at the mean past length) / the read bandwidth, over the p50 decode "
     "step; 100% would be a step at the memory-bandwidth limit (CPU runtimes only).",
     "process RSS: before set-up (interpreter and libraries); peaks: during set-up, and during the "

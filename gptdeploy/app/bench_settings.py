@@ -11,7 +11,7 @@ from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import VARIANTS
 from gptdeploy.precision import MODEL_PRECISIONS, canonical
 from gptdeploy.runtimes.ort import OPTIMIZATION_LEVELS
-from gptdeploy.runtimes.registry import RUNTIMES
+from gptdeploy.runtimes.registry import PEERS, RUNTIMES
 
 OK, UNAVAILABLE, FAILED = "ok", "unavailable", "failed"
 
@@ -37,9 +37,10 @@ class BenchSettings:
     def check(self) -> None:
         if not self.runtimes:
             raise GptDeployError("no runtime given")
-        unknown = [split_runtime(r)[0] for r in self.runtimes if split_runtime(r)[0] not in RUNTIMES]
+        unknown = [split_runtime(r)[0] for r in self.runtimes if split_runtime(r)[0] not in (*RUNTIMES, *PEERS)]
         if unknown:
-            raise GptDeployError(f"unknown runtime {unknown[0]!r}; choose among {', '.join(RUNTIMES)}")
+            raise GptDeployError(f"unknown runtime {unknown[0]!r}; choose among {', '.join(RUNTIMES)}, or the other "
+                                 f"engines {', '.join(PEERS)}")
         for name in self.runtimes:
             check_runtime_variant(name)
         if len(set(self.runtimes)) != len(self.runtimes):
@@ -66,15 +67,31 @@ class BenchSettings:
 
 
 def split_runtime(name: str) -> tuple[str, str | None]:
-    """"ort:q4" -> ("ort", "q4"): a runtime, and the ONNX Runtime variant of the export it runs (or None)."""
+    """"ort:q4" -> ("ort", "q4"): a runtime, and the ONNX Runtime variant of the export it runs (or None);
+    "llama.cpp:q4_0" -> ("llama.cpp", "q4_0"): another engine and its weight type."""
     runtime, _, variant = name.partition(":")
     return runtime, variant or None
+
+
+def is_peer(name: str) -> bool:
+    """Whether `name` (ENGINE or ENGINE:TYPE) is another engine than gptdeploy's (ct2, llama.cpp)."""
+    return split_runtime(name)[0] in PEERS
+
+
+def peer_type(name: str) -> str:
+    """The weight type a peer engine runs: the one named, or its first (full precision)."""
+    engine, weight_type = split_runtime(name)
+    return weight_type or PEERS[engine].types[0]
 
 
 def check_runtime_variant(name: str) -> None:
     """ort:q4 and the like: a variant that exists, for a runtime that runs variants."""
     runtime, variant = split_runtime(name)
     if variant is None:
+        return
+    if runtime in PEERS:
+        if variant not in PEERS[runtime].types:
+            raise GptDeployError(f"{name}: {runtime} runs {', '.join(PEERS[runtime].types)}, not {variant!r}")
         return
     if variant not in VARIANTS:
         raise GptDeployError(f"{name}: unknown variant {variant!r}; choose among {', '.join(VARIANTS)}")

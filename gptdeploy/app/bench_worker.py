@@ -20,7 +20,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from gptdeploy.app.bench_settings import FAILED, UNAVAILABLE, BenchSettings, split_runtime
+from gptdeploy.app.bench_settings import FAILED, UNAVAILABLE, BenchSettings, is_peer, peer_type, split_runtime
 from gptdeploy.app.export_cache import ExportCache
 from gptdeploy.app.exporting import ensure_engines, optimize_export
 from gptdeploy.app.generation import GenerationConfig, generate
@@ -29,7 +29,7 @@ from gptdeploy.app.sources import open_runner
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import read_export
 from gptdeploy.precision import CHECKPOINT
-from gptdeploy.runtimes.registry import RUNTIMES
+from gptdeploy.runtimes.registry import PEERS, RUNTIMES
 from gptdeploy.steps import decode_inputs, prefill_inputs
 
 
@@ -172,6 +172,94 @@ class RuntimeSession:
             self.runner = None
 
 
+KV_VALUE_BYTES = {"f32": 4, "float32": 4, "f16": 2, "float16": 2, "bfloat16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+class PeerSession:
+    """Another engine (ct2, llama.cpp) on the same weights, timed through its own generation loop.
+
+    Set-up: the checkpoint loaded, converted into the export cache (or found there), the engine opened.
+    A round is one greedy generation of the engine's own loop on the round's prompt: the prefill is the
+    time to the first token, each decode step the time from one token to the next (the engine's choice
+    of the token included, as in a generation; gptdeploy's own rounds feed fixed ids and leave the choice
+    out). A generation is that loop again, timed to its first token and to its last.
+    """
+
+    def __init__(self, settings: BenchSettings, name: str, device: str | None, export_folder: str | None,
+                 own_process: bool = True):
+        from gptdeploy.loading import load
+
+        self.settings, self.name, self.engine = settings, name, None
+        engine, weight_type = split_runtime(name)[0], peer_type(name)
+        self._memory = ResidentMemory()
+        self._memory.reset_peak()
+        self._process_rss = self._memory.current_mb()
+        if own_process and "torch" in PEERS[engine].requires:
+            import torch
+
+            torch.set_num_threads(settings.threads)
+        start = time.perf_counter()
+        loaded = load(settings.source, weights="random" if settings.random_weights else None, seed=settings.seed)
+        self.setup = {"load_s": time.perf_counter() - start}
+        reused = ExportCache().peer_path(loaded, engine, weight_type).exists()
+        start = time.perf_counter()
+        folder, self.conversion = ExportCache().peer(loaded, engine, weight_type)
+        self.setup |= {"convert_s": time.perf_counter() - start, "convert_reused": reused}
+        self.vocab_size, self.config = loaded.tokenizer.vocab_size, loaded.config
+        del loaded
+        gc.collect()
+        start = time.perf_counter()
+        target = folder / "model" / ("model.gguf" if engine == "llama.cpp" else "")
+        self.engine = PEERS[engine].engine_class().open(target, settings.threads)
+        self.setup["session_s"] = time.perf_counter() - start
+        self._setup_peak_rss = self._memory.peak_mb()
+        gc.collect()
+        self._memory.reset_peak()
+
+    def _loop(self, batch: int) -> list[float]:
+        """The engine's greedy loop on the round's prompt: the seconds from its start to each new token."""
+        s = self.settings
+        if batch != 1:
+            raise GptDeployError(f"{self.name} is measured at batch 1 only")
+        prompt = token_ids(s.seed, batch, s.prompt_len + s.new_tokens - 1, self.vocab_size)[0, :s.prompt_len]
+        times, start = [], time.perf_counter()
+        for _ in self.engine.greedy(prompt.tolist(), s.new_tokens):
+            times.append(time.perf_counter() - start)
+        if len(times) != s.new_tokens:  # the figures assume every token was generated
+            raise RuntimeError(f"{self.name} stopped after {len(times)} of {s.new_tokens} tokens")
+        return times
+
+    def round(self, batch: int) -> dict:
+        times = self._loop(batch)
+        return {"prefill_s": times[0], "steps_s": list(np.diff(times))}
+
+    def generate(self, batch: int) -> dict:
+        times = self._loop(batch)
+        return {"ttft_s": times[0], "total_s": times[-1]}
+
+    def finish(self) -> dict:
+        described = self.engine.describe()
+        kv = described["kv_cache"]["keys"]
+        share = 1 - self.config.block_size * self.config.n_embd / self.config.num_params  # all but positions
+        memory = {"process_rss_mb": self._process_rss, "setup_peak_rss_mb": self._setup_peak_rss,
+                  "run_peak_rss_mb": self._memory.peak_mb(), "peak_is_per_phase": self._memory.resettable,
+                  "setup_peak_gpu_mb": None, "run_peak_gpu_mb": None, "torch_peak_gpu_mb": None}
+        weights = ", ".join(f"{t} ×{v['tensors']}" for t, v in self.conversion.get("tensor_types", {}).items())
+        runner = (f"{described['engine']}, {peer_type(self.name)} weights" + (f" ({weights}; logits from "
+                  f"{self.conversion['output']})" if weights else f", compute {described.get('compute_type')}")
+                  + f", KV cache {kv}")
+        return {"runner": runner, "engine": described, "device": "cpu", "precision": peer_type(self.name),
+                "threads": self.settings.threads, "setup": self.setup, "memory": memory,
+                "conversion": self.conversion, "peer": True,
+                "weight_bytes_per_step": round(self.conversion["bytes"] * share),
+                "kv_bytes_per_value": KV_VALUE_BYTES.get(kv, 4)}
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
 class ExportJob:
     """The source exported to ONNX (or found in the export cache), with the ONNX Runtime variants the
     runtimes name (made once, validated against the model), and the time each part took."""
@@ -191,7 +279,7 @@ class ExportJob:
         folder = cache.export(loaded, self.precision)
         export_s = time.perf_counter() - start
         result = {"folder": str(folder.path), "load_s": load_s, "export_s": export_s, "export_reused": reused}
-        variants = [v for v in dict.fromkeys(split_runtime(n)[1] for n in settings.runtimes) if v]
+        variants = [v for v in dict.fromkeys(split_runtime(n)[1] for n in settings.runtimes if not is_peer(n)) if v]
         if variants:
             optimized = optimize_export(folder, variants, reference=loaded.model)
             result |= {"optimize_s": optimized.seconds, "variants_reused": not optimized.written}
@@ -201,7 +289,7 @@ class ExportJob:
         pass
 
 
-KINDS = {"runtime": RuntimeSession, "export": ExportJob}
+KINDS = {"runtime": RuntimeSession, "peer": PeerSession, "export": ExportJob}
 
 
 class WorkerFailed(Exception):
@@ -249,7 +337,8 @@ class Worker:
         self._local = self._process = None
         if not isolate:
             try:
-                self._local = KINDS[kind](*args, own_process=False) if kind == "runtime" else KINDS[kind](*args)
+                self._local = (KINDS[kind](*args, own_process=False) if kind in ("runtime", "peer")
+                               else KINDS[kind](*args))
             except Exception as e:
                 raise WorkerFailed.from_exception(e) from None
             return

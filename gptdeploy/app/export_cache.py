@@ -4,6 +4,8 @@
     folder = cache.export(loaded, "fp32", progress)
 
 Folders live in <root>/exports, one per weights and precision: <LoadedModel.fingerprint>-<precision>.
+The files other engines run (`gptdeploy bench`'s ct2 and llama.cpp baselines) live in <root>/peers, one
+folder per weights, engine and weight type, with a peer.json written last that lists them.
 A folder is reused when its manifest names the same weights' sha256 and precision and its files still
 match the manifest; anything else there (an old, broken or corrupted export, a leftover of an
 interrupted one) is the cache's own and is exported again. An ExportCache is an object passed to whatever needs it (open_runner, parity, bench), so a
@@ -12,6 +14,7 @@ test or an app can point it anywhere.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING
 from gptdeploy.app.exporting import export_model
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import ExportFolder, VerificationMemo, is_export_folder, read_export, verify
-from gptdeploy.files import remove_leftovers
+from gptdeploy.files import remove_leftovers, replace_folder, staging_folder, write_atomic
 from gptdeploy.progress import QUIET, Progress
 
 if TYPE_CHECKING:
@@ -70,3 +73,43 @@ class ExportCache:
             shutil.rmtree(path)
         progress.note(f"Exporting {loaded.source} ({precision}) into the export cache, {path}")
         return read_export(export_model(loaded, path, precision=precision, progress=progress).path)
+
+    def peer_path(self, loaded: LoadedModel, engine: str, weight_type: str) -> Path:
+        return self.root / "peers" / f"{loaded.fingerprint}-{engine}-{weight_type}"
+
+    def peer(self, loaded: LoadedModel, engine: str, weight_type: str, progress: Progress = QUIET) -> tuple[Path, dict]:
+        """The files of `loaded` for another engine (ct2: a CTranslate2 model folder; llama.cpp: a folder
+        holding model.gguf) in `weight_type`, converted now unless the cache holds them; and what the
+        conversion recorded (peer.json: the converter, the weight types, the files' sizes)."""
+        from gptdeploy.exporters.peers import write_ct2, write_gguf
+
+        path = self.peer_path(loaded, engine, weight_type)
+        record = _peer_record(path, loaded)
+        if record is not None:
+            return path, record
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path.parent)
+        progress.note(f"Converting {loaded.source} for {engine} ({weight_type}) into the export cache, {path}")
+        with staging_folder(path) as tmp:
+            if engine == "ct2":
+                record = write_ct2(loaded, tmp / "model", weight_type)
+            else:
+                record = write_gguf(loaded, tmp / "model" / "model.gguf", weight_type)
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted((tmp / "model").rglob("*")) if f.is_file()}
+            record = {"weights_sha256": loaded.fingerprint, "engine": engine, "weight_type": weight_type, **record,
+                      "files": files, "bytes": sum(files.values())}
+            write_atomic(tmp / "peer.json", json.dumps(record, indent=2) + "\n")
+            if path.exists():  # a stale or broken entry: the cache's own
+                shutil.rmtree(path)
+            replace_folder(tmp, path)
+        return path, record
+
+
+def _peer_record(path: Path, loaded: LoadedModel) -> dict | None:
+    """peer.json of a complete conversion of these weights whose files are all there, at their sizes."""
+    try:
+        record = json.loads((path / "peer.json").read_text(encoding="utf-8"))
+        complete = all((path / name).stat().st_size == size for name, size in record["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return record if complete and record.get("weights_sha256") == loaded.fingerprint else None
