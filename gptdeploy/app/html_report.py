@@ -206,6 +206,20 @@ def _bench_header(report: dict) -> list[tuple[str, str]]:
     return rows
 
 
+LOG_SPAN = 30  # a chart whose values span more than this factor gets a log axis: a slow outlier hides no bar
+
+
+def _range(ax, low: float, high: float, margin: float) -> bool:
+    """The value axis from 0 to high (and room for the labels), or a log axis when the values span a wide
+    range. Returns whether it is log."""
+    if low > 0 and high / low > LOG_SPAN:
+        ax.set_xscale("log")
+        ax.set_xlim(low / 1.6, high * margin ** 4)
+        return True
+    ax.set_xlim(0, high * margin or 1)
+    return False
+
+
 OUTSIDE = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)  # a legend beside the axes
 
 
@@ -238,8 +252,10 @@ def _decode_chart(report: dict, rows) -> _Chart:
             floor_drawn = True
     ax.set_yticks(range(len(rows)), [_row_label(r, b, n_batches) for r, b in rows])
     ax.invert_yaxis()
-    ax.set_xlabel("ms per decode step (bar: p50; whisker: thick to p90, thin to p99)")
-    ax.set_xlim(0, max(b["decode"]["p99_ms"] for _, b in rows) * 1.18)
+    lows = [b["decode"]["p50_ms"] for _, b in rows] + [b["bandwidth_floor"]["floor_ms"] for _, b in rows
+                                                         if b["bandwidth_floor"]["floor_ms"] is not None]
+    log = _range(ax, min(lows), max(b["decode"]["p99_ms"] for _, b in rows), 1.18)
+    ax.set_xlabel("ms per decode step (bar: p50; whisker: thick to p90, thin to p99)" + (", log scale" if log else ""))
     ax.grid(axis="x", alpha=0.3)
     if n_batches > 1 or floor_drawn:
         ax.legend(**OUTSIDE)
@@ -262,8 +278,8 @@ def _bars_chart(name: str, rows, values, label: str, fmt: str, n_batches: int, m
         ax.axvline(reference, color="#555", lw=1, ls="--")
     ax.set_yticks(range(len(rows)), [_row_label(r, b, n_batches) for r, b in rows])
     ax.invert_yaxis()
-    ax.set_xlabel(label)
-    ax.set_xlim(0, max(values) * 1.15)
+    log = _range(ax, min(values), max(values), 1.15)
+    ax.set_xlabel(label + (", log scale" if log else ""))
     ax.grid(axis="x", alpha=0.3)
     return chart
 
