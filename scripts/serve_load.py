@@ -78,11 +78,11 @@ def load(port: int, model: str, concurrency: int, requests: int, max_tokens: int
             "token_p99_ms": 1e3 * percentile(gaps, 99)}
 
 
-def in_process(folder, requests: int, max_tokens: int) -> dict:
+def in_process(folder, requests: int, max_tokens: int, threads: int) -> dict:
     from gptdeploy.app import open_runner
     from gptdeploy.app.generation import GenerationConfig, generate
 
-    runner, tokenizer = open_runner("ort", folder.path)
+    runner, tokenizer = open_runner("ort", folder.path, threads=threads)
     config = GenerationConfig(max_new_tokens=max_tokens, greedy=True)
     generate(runner, tokenizer, [PROMPTS[0]], config)  # warm-up
     ttfts, per_token, tokens = [], [], 0
@@ -94,7 +94,7 @@ def in_process(folder, requests: int, max_tokens: int) -> dict:
             per_token.append(result.decode_s / (result.steps - 1))
         tokens += result.steps
     elapsed = time.perf_counter() - start
-    return {"concurrency": "in-process, batch 1", "requests": requests, "tokens": tokens, "seconds": elapsed,
+    return {"concurrency": "in-process", "requests": requests, "tokens": tokens, "seconds": elapsed,
             "tokens_per_s": tokens / elapsed, "ttft_p50_ms": 1e3 * percentile(ttfts, 50),
             "ttft_p99_ms": 1e3 * percentile(ttfts, 99), "token_p50_ms": 1e3 * statistics.median(per_token),
             "token_p99_ms": 1e3 * percentile(per_token, 99)}
@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads, in the server and in-process alike (0: one per core)")
     parser.add_argument("--json", help="also write the figures as JSON to this file")
     args = parser.parse_args()
 
@@ -114,26 +116,32 @@ def main() -> None:
     from gptdeploy.app.triton_repo import RepoSettings
 
     folder = export_of(args.source)
-    settings = RepoSettings("load", max_batch=args.max_batch)
-    rows = [in_process(folder, min(args.requests, 16), args.max_tokens)]
+    settings = RepoSettings("load", max_batch=args.max_batch, threads=args.threads)
+    # in-process before and after the server's runs: on a shared machine the load moves in between
+    rows = [{**in_process(folder, min(args.requests, 16), args.max_tokens, args.threads),
+             "concurrency": "in-process b1, before"}]
     with open("/proc/loadavg") as f:
         before = f.read().strip()
     with TritonServer(served_repository(folder, settings), ports=Ports(*free_ports()), models=["load"]) as server:
         one_request(server.ports.http, "load", PROMPTS[0], 8)  # warm-up
         for c in (int(x) for x in args.concurrency.split(",")):
             rows.append(load(server.ports.http, "load", c, max(args.requests, c), args.max_tokens))
+    rows.append({**in_process(folder, min(args.requests, 16), args.max_tokens, args.threads),
+                 "concurrency": "in-process b1, after"})
     with open("/proc/loadavg") as f:
         after = f.read().strip()
-    print(f"{args.source}, greedy, {args.max_tokens} new tokens per request, {os.cpu_count()} CPUs; "
+    print(f"{args.source}, greedy, {args.max_tokens} new tokens per request, {args.threads} ONNX Runtime threads, "
+          f"{os.cpu_count()} CPUs; "
           f"/proc/loadavg before: {before}, after: {after}")
-    print(f"{'concurrency':>20} {'requests':>8} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'token p50':>9} "
+    print(f"{'concurrency':>22} {'requests':>8} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'token p50':>9} "
           f"{'token p99':>9}  (ms)")
     for r in rows:
-        print(f"{r['concurrency']!s:>20} {r['requests']:>8} {r['tokens_per_s']:>9.0f} {r['ttft_p50_ms']:>9.1f} "
+        print(f"{r['concurrency']!s:>22} {r['requests']:>8} {r['tokens_per_s']:>9.0f} {r['ttft_p50_ms']:>9.1f} "
               f"{r['ttft_p99_ms']:>9.1f} {r['token_p50_ms']:>9.2f} {r['token_p99_ms']:>9.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"source": args.source, "max_tokens": args.max_tokens, "loadavg_before": before,
+            json.dump({"source": args.source, "max_tokens": args.max_tokens, "threads": args.threads,
+                       "loadavg_before": before,
                        "loadavg_after": after, "rows": rows}, f, indent=2)
     sys.stdout.flush()
 

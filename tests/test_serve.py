@@ -24,7 +24,7 @@ pytest.importorskip("pytriton", reason="the serve extra is not installed (pip in
 pytest.importorskip("tritonclient.grpc", reason="the serve extra is not installed (pip install 'gptdeploy[serve]')")
 
 from gptdeploy.app.generation import GenerationConfig, generate  # noqa: E402
-from gptdeploy.app.serving import Ports, TritonServer, export_of, free_ports  # noqa: E402
+from gptdeploy.app.serving import Ports, TritonServer, free_ports  # noqa: E402
 from gptdeploy.app.triton_repo import RepoSettings, write_repository  # noqa: E402
 
 NAME = "shakespeare"
@@ -33,8 +33,11 @@ NEW = 24
 
 
 @pytest.fixture(scope="module")
-def folder():
-    return export_of("shakespeare")
+def folder(shakespeare_export_path):
+    """The suite's shakespeare export (conftest), shared read-only: the repository hard-links its files."""
+    from gptdeploy.export_folder import read_export
+
+    return read_export(shakespeare_export_path)
 
 
 @pytest.fixture(scope="module")

@@ -663,6 +663,8 @@ NameOpt = Annotated[str | None, typer.Option(help="Name of the model in Triton. 
 InstancesOpt = Annotated[int, typer.Option(help="Model instances (each decodes its own batch).")]
 MaxBatchOpt = Annotated[int, typer.Option("--max-batch", help="Rows a model instance decodes together (requests "
                                           "join and leave its batch at every step).")]
+ThreadsOpt = Annotated[int, typer.Option(help="ONNX Runtime intra-op threads per model instance (0: one per core; 1 "
+                                         "is quicker on a busy machine).")]
 
 
 @app.command()
@@ -676,6 +678,7 @@ def triton(
     instances: InstancesOpt = 1,
     name: NameOpt = None,
     max_batch: MaxBatchOpt = 16,
+    threads: ThreadsOpt = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing repository.")] = False,
     random: RandomOpt = False,
     seed: SeedOpt = 0,
@@ -685,7 +688,7 @@ def triton(
     from gptdeploy.app.serving import export_of
     from gptdeploy.app.triton_repo import RepoSettings, write_repository
 
-    settings = RepoSettings(name or _model_name(source), runtime, variant, instances, max_batch)
+    settings = RepoSettings(name or _model_name(source), runtime, variant, instances, max_batch, threads)
     settings.check()
     if out.exists() and not force:
         raise GptDeployError(f"{out} exists; pass --force to replace it")
@@ -707,6 +710,7 @@ def serve(
     instances: InstancesOpt = 1,
     name: NameOpt = None,
     max_batch: MaxBatchOpt = 16,
+    threads: ThreadsOpt = 0,
     variant: Annotated[str | None, typer.Option(help="An ONNX Runtime variant to run.", show_default=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show the Triton server's log.")] = False,
     random: RandomOpt = False,
@@ -720,7 +724,7 @@ def serve(
     from gptdeploy.app.triton_repo import RepoSettings
     from gptdeploy.files import deferred_signals
 
-    settings = RepoSettings(name or _model_name(source), "ort", variant, instances, max_batch)
+    settings = RepoSettings(name or _model_name(source), "ort", variant, instances, max_batch, threads)
     settings.check()
     ports = Ports(http_port, grpc_port, metrics_port)
     ports.check()

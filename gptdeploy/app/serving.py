@@ -317,5 +317,5 @@ def served_repository(folder, settings, cache=None) -> Path:
 
     root = (cache or ExportCache()).root / "triton"
     key = f"{folder.path.name}-{settings.name}-{settings.runtime}-{settings.variant or 'export'}-" \
-          f"i{settings.instances}-b{settings.max_batch}"
+          f"i{settings.instances}-b{settings.max_batch}-t{settings.threads}"
     return write_repository(folder, root / key, settings, force=True)

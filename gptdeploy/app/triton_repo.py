@@ -60,6 +60,8 @@ class RepoSettings:
             raise GptDeployError(f"--instances must be from 1 to 64, got {self.instances}")
         if not 1 <= self.max_batch <= 256:
             raise GptDeployError(f"--max-batch must be from 1 to 256, got {self.max_batch}")
+        if not 0 <= self.threads <= 256:
+            raise GptDeployError(f"--threads must be from 0 to 256, got {self.threads}")
 
     @property
     def gpu(self) -> bool:
