@@ -147,6 +147,7 @@ def test_page_matches_gptdeploy(server_of, request, greedy_ids, tmp_path):
         assert "problems" not in run, run["problems"]
         (expected,) = greedy_ids(folder, [PROMPT], NEW_TOKENS, DTYPES[run["dtype"]])
         assert {k: run[k] for k in expected} == expected, run["dtype"]
+        assert run["page_updates"] == NEW_TOKENS  # the text streamed into the page, token by token
         assert run["text"] and run["load_s"] > 0 and run["ttft_s"] > 0 and run["tokens_per_s"] > 0
         # the page fetched the files gptdeploy web names for the dtype, whole (config.json twice)
         expected = description["dtypes"][run["dtype"]]
@@ -154,4 +155,22 @@ def test_page_matches_gptdeploy(server_of, request, greedy_ids, tmp_path):
                                               for f in expected["fetches"]}
         assert sum(dict(run["model_fetches"]).values()) == expected["bytes"]
     assert shot.stat().st_size > 10_000
-    assert server.stop()[0] == 0
+    assert server.stop() == (0, "Stopped.\n", "")  # quiet while serving: no line on stderr, no traceback
+
+
+def test_page_reads_shared_weights(server_of, lively_shared, greedy_ids):
+    """A folder whose fp32 weights are in onnx/model.onnx_data (config.json names it for transformers.js): the
+    page fetches the data file beside model.onnx and gives gptdeploy's ids."""
+    chromium, node = _browser_or_skip()
+    folder = lively_shared[0]
+    server = server_of(folder)
+    url = f"{server.url}?{urlencode({'dtype': 'fp32', 'prompt': PROMPT, 'max_new_tokens': NEW_TOKENS, 'greedy': 1})}"
+    result = subprocess.run([node, "drive.mjs", url, "--chromium", chromium], cwd=EXAMPLE, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = json.loads(result.stdout)
+    (expected,) = greedy_ids(folder, [PROMPT], NEW_TOKENS)
+    assert {k: run[k] for k in expected} == expected
+    assert dict(run["model_fetches"])[f"/models/{folder.name}/onnx/model.onnx_data"] == \
+        (folder / "onnx" / "model.onnx_data").stat().st_size
+    assert server.stop() == (0, "Stopped.\n", "")

@@ -52,6 +52,8 @@ try {
     await page.waitForFunction(() => ['done', 'error'].includes(document.body.dataset.state),
       { timeout: Number(options.timeout) * 1000, polling: 100 });
     const result = JSON.parse(await page.$eval('#result', (e) => e.textContent));
+    // how many times the page showed the text while it was generated (one per token when it streams)
+    result.page_updates = Number(await page.$eval('#output', (e) => e.dataset.updates));
     if (problems.length) result.problems = problems;
     failed ||= 'error' in result;
     console.log(JSON.stringify({ url, ...result }));

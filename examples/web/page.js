@@ -39,6 +39,7 @@ worker.onmessage = ({ data }) => {
       break;
     case 'token':
       showOutput(data.text);
+      $('output').dataset.updates = Number($('output').dataset.updates) + 1;  // the text shown so far, per token
       $('ttft').textContent = `${(data.ttft_s * 1000).toFixed(0)} ms`;
       state('running', `Generating… ${data.tokens} tokens`);
       break;
@@ -74,6 +75,7 @@ function start() {
   $('file').textContent = `${site.dtypes[dtype].file} (${mb(site.dtypes[dtype].bytes)} with the tokenizer and configs)`;
   for (const id of ['ttft', 'rate']) $(id).textContent = '–';
   showOutput('');
+  $('output').dataset.updates = 0;
   state('loading', `Loading ${dtype}…`);
   worker.postMessage({
     model: site.name,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -140,7 +141,10 @@ class _Handler(SimpleHTTPRequestHandler):
         self._send(200, MIME.get(file.suffix, "application/octet-stream"), None, size)
         if body:
             with open(file, "rb") as f:
-                self.copyfile(f, self.wfile)
+                try:
+                    self.copyfile(f, self.wfile)
+                except (BrokenPipeError, ConnectionResetError):  # the browser cancelled the fetch (it does)
+                    self.close_connection = True
 
     def _send(self, status: int, content_type: str, data: bytes | None, length: int) -> None:
         self.send_response(status)
@@ -158,14 +162,24 @@ class _Handler(SimpleHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """A request that failed: a line on stderr, not socketserver's traceback; a client gone, nothing."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, ConnectionError):
+            print(f"gptdeploy web: a request from {client_address[0]} failed: {type(error).__name__}: {error}",
+                  file=sys.stderr)
+
+
 def make_server(site: Site, port: int = 0) -> ThreadingHTTPServer:
     """An HTTP server for the site on 127.0.0.1 (port 0: a free one); serve_forever() runs it."""
     handler = type("Handler", (_Handler,), {"site": site})
     try:
-        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        server = _Server(("127.0.0.1", port), handler)
     except OSError as e:
         raise GptDeployError(f"cannot serve on 127.0.0.1:{port}: {e.strerror or e}") from None
-    server.daemon_threads = True
     return server
 
 
