@@ -322,3 +322,14 @@ def test_triton_command(folder, tmp_path, capsys):
         assert run(["triton", str(folder.path), "--out", str(tmp_path / "other"), *bad]) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_refuses_bad_options_in_one_line(folder, capsys):
+    from gptdeploy.app.cli import run
+
+    for bad, says in ((["--http-port", "8000", "--grpc-port", "8000"], "must differ"),
+                      (["--metrics-port", "70000"], "out of range"), (["--max-batch", "0"], "--max-batch"),
+                      (["--threads", "-1"], "--threads")):
+        assert run(["serve", str(folder.path), *bad]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
