@@ -83,6 +83,10 @@ def test_refuses_what_it_cannot_serve(tmp_path, lively_export_path):
         shutil.copy(EXAMPLE / name, page_only)
     assert_one_line_error(gptdeploy("web", lively_export_path, "--assets", page_only), "npm install")
     assert_one_line_error(gptdeploy("web", lively_export_path, "--port", "70000"), "not a port")
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(lively_export_path, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    assert_one_line_error(gptdeploy("web", no_tokenizer), "has no tokenizer.json")
 
 
 def test_serves_the_folder_and_nothing_else(server_of, lively_export_path):
