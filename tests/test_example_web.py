@@ -162,11 +162,11 @@ def test_page_matches_gptdeploy(server_of, request, greedy_ids, tmp_path):
     assert server.stop() == (0, "Stopped.\n", "")  # quiet while serving: no line on stderr, no traceback
 
 
-def test_page_reads_shared_weights(server_of, lively_shared, greedy_ids):
+def test_page_reads_shared_weights(server_of, request, greedy_ids):
     """A folder whose fp32 weights are in onnx/model.onnx_data (config.json names it for transformers.js): the
     page fetches the data file beside model.onnx and gives gptdeploy's ids."""
     chromium, node = _browser_or_skip()
-    folder = lively_shared[0]
+    folder = request.getfixturevalue("lively_shared")[0]  # after the skips
     server = server_of(folder)
     url = f"{server.url}?{urlencode({'dtype': 'fp32', 'prompt': PROMPT, 'max_new_tokens': NEW_TOKENS, 'greedy': 1})}"
     result = subprocess.run([node, "drive.mjs", url, "--chromium", chromium], cwd=EXAMPLE, capture_output=True,
