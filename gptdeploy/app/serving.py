@@ -42,6 +42,7 @@ from threading import Thread
 from gptdeploy.errors import GptDeployError
 
 SERVE_EXTRA = "pip install 'gptdeploy[serve]'"
+WORKDIR_PREFIX = "gptdeploy-triton-"  # + the pid of the process that serves: a temporary backend folder
 STOP_GRACE_S = 15
 
 
@@ -177,7 +178,8 @@ class TritonServer:
 
     def start(self) -> None:
         install = find_triton()
-        self._workdir = Path(tempfile.mkdtemp(prefix="gptdeploy-triton-"))
+        _remove_dead_workdirs()
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
         backends = self._workdir / "backends"
         shutil.copytree(install.backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(install.stub, backends / "python" / "triton_python_backend_stub")
@@ -261,6 +263,20 @@ class TritonServer:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+
+
+def _remove_dead_workdirs() -> None:
+    """The backend folders of servers whose `gptdeploy serve` was killed outright (SIGKILL leaves them)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
+        pid = folder.name[len(WORKDIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # another user's server, alive
+            pass
 
 
 def _kill_group(pgid: int) -> None:
