@@ -17,6 +17,7 @@ wrong parameter.
 from __future__ import annotations
 
 import json
+import queue
 import sys
 import threading
 from pathlib import Path
@@ -71,6 +72,7 @@ class TritonPythonModel:
         self.block_size = self.runner.info.block_size
         self.max_prompt_bytes = int(params.get("max_prompt_bytes", "65536"))
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
+        self.outbox = Outbox()
         self.batcher = Batcher(self.runner, self.tokenizer, max_batch=int(params.get("max_batch", "16")))
 
     def execute(self, requests):
@@ -131,49 +133,87 @@ class TritonPythonModel:
         return rows[0], generation, _scalar(request, "stream", bool, False)
 
     def _job(self, prompt_ids, generation, streaming: bool, sender):
+        """The Job of one request. The batcher thread only queues what to send: the outbox thread builds and
+        sends the responses and asks whether the client is gone (each a round trip to the server), so that
+        the next decode step does not wait for them."""
         from gptdeploy.app.batching import CANCELLED, ERROR, Job
         from gptdeploy.app.generation import TextStream
 
         pieces = TextStream(self.tokenizer, skip_ids=[self.tokenizer.eot_id])
-        lock = threading.Lock()
+        gone = threading.Event()  # set by the outbox thread; the batcher drops the row at its next token
+        count = [0]
 
-        def response(text: str, ids: list[int], reason: str):
-            return pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_)),
-                pb_utils.Tensor("token_ids", np.array(ids, dtype=np.int64)),
-                pb_utils.Tensor("finish_reason", np.array([reason.encode()], dtype=np.object_)),
-            ])
+        def response(text: str, ids: list[int], reason: str | None):
+            tensors = [pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_)),
+                       pb_utils.Tensor("token_ids", np.array(ids, dtype=np.int64))]
+            if reason is not None:
+                tensors.append(pb_utils.Tensor("finish_reason", np.array([reason.encode()], dtype=np.object_)))
+            return pb_utils.InferenceResponse(output_tensors=tensors)
+
+        def send_token(token: int, check: bool) -> None:
+            if gone.is_set():
+                return
+            if check and sender.is_cancelled():
+                gone.set()
+                return
+            if streaming:
+                try:
+                    sender.send(response(pieces.push(token), [token], ""))
+                except Exception:  # noqa: BLE001 - the client is gone
+                    gone.set()
 
         def emit(token: int) -> bool:
-            if sender.is_cancelled():
+            if gone.is_set():
                 return False
-            if streaming:
-                piece = pieces.push(token)
-                try:
-                    with lock:
-                        sender.send(response(piece, [token], ""))
-                except Exception:  # noqa: BLE001 - the client is gone
-                    return False
+            count[0] += 1
+            check = count[0] % 4 == 1  # whether the client is gone: at the first token, then every 4th
+            if streaming or check:
+                self.outbox.put(lambda: send_token(token, check))
             return True
 
+        def send_final(reason: str, new_ids: list[int], message: str) -> None:
+            if reason == ERROR:
+                error = pb_utils.TritonError(message or "generation failed", pb_utils.TritonError.INTERNAL)
+                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+            elif reason == CANCELLED:
+                pb_utils.Logger.log_info(f"gptdeploy: a request was cancelled after {len(new_ids)} tokens "
+                                         f"(its client is gone); its slot is free")
+                sender.send(flags=FINAL)
+            elif streaming:
+                sender.send(response(pieces.finish(), [], reason), flags=FINAL)
+            else:
+                text = self.tokenizer.decode([i for i in new_ids if i != self.tokenizer.eot_id])
+                sender.send(response(text, new_ids, reason), flags=FINAL)
+
         def finish(reason: str, new_ids: list[int], message: str) -> None:
-            with lock:
-                if reason == ERROR:
-                    error = pb_utils.TritonError(message or "generation failed", pb_utils.TritonError.INTERNAL)
-                    sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
-                elif reason == CANCELLED or not streaming:
-                    text = self.tokenizer.decode([i for i in new_ids if i != self.tokenizer.eot_id])
-                    if reason == CANCELLED:
-                        pb_utils.Logger.log_info(f"gptdeploy: a request was cancelled after {len(new_ids)} tokens "
-                                                 f"(its client is gone); its slot is free")
-                        sender.send(flags=FINAL)
-                    else:
-                        sender.send(response(text, new_ids, reason), flags=FINAL)
-                else:
-                    sender.send(response(pieces.finish(), [], reason), flags=FINAL)
+            self.outbox.put(lambda: send_final(reason, list(new_ids), message))
 
         return Job(prompt_ids, generation, emit, finish)
 
     def finalize(self):
         self.batcher.close()
+        self.outbox.close()
         self.runner.close()
+
+
+class Outbox:
+    """A thread that runs what it is given, in order: the responses of every request of this instance."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="gptdeploy-outbox", daemon=True)
+        self._thread.start()
+
+    def put(self, call) -> None:
+        self._queue.put(call)
+
+    def _run(self) -> None:
+        while (call := self._queue.get()) is not None:
+            try:
+                call()
+            except Exception as e:  # noqa: BLE001 - one request's failure is not the others'
+                pb_utils.Logger.log_error(f"gptdeploy: sending a response failed: {e}")
+
+    def close(self, timeout: float = 10) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
