@@ -111,6 +111,25 @@ def test_an_export_whose_checkpoint_is_gone_says_what_to_pass(hf_folder, tmp_pat
     assert "pass the checkpoint or preset it was exported from as SOURCE" in result.stderr
 
 
+def test_an_export_whose_checkpoint_has_changed_says_so(hf_folder, tmp_path):
+    """The checkpoint is there, but its weights are not the ones exported: refused, not compared."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from gptdeploy.app.exporting import export_model
+    from gptdeploy.loading import load
+
+    moved = shutil.copytree(hf_folder, tmp_path / "hf")
+    folder = export_model(load(moved), tmp_path / "hf-onnx").path
+    weights = next(moved.glob("*.safetensors"))
+    state = load_file(weights)
+    name = next(n for n in state if n.endswith("ln_f.weight"))
+    state[name] = state[name] + torch.ones_like(state[name])
+    save_file(state, weights, metadata={"format": "pt"})
+    result = gptdeploy("parity", folder, "--runtimes", "torch,ort")
+    assert_refused(result, "whose weights have changed since (their sha256 differs)")
+
+
 def test_info_on_an_export_folder_shows_its_manifest(tiny_export_path):
     result = gptdeploy("info", tiny_export_path)
     assert result.returncode == 0, result.stderr

@@ -217,3 +217,50 @@ def test_nan_logits_stop_generation_naming_the_step(tiny_export_path, tmp_path):
     (folder / "gptdeploy.json").write_text(json.dumps(manifest))
     result = gptdeploy("generate", folder, "--prompt", "Hello", "--greedy")
     assert_refused(result, "gave NaN or Inf logits at step 1", code=1)
+
+
+@pytest.mark.parametrize("edit", ["negated ln_f.weight", "two ranks swapped"])
+def test_the_reported_tampering_is_refused_naming_the_file(edit, tiny_export_path, tmp_path):
+    """The two edits that used to change generate's text with exit 0: a negated final LayerNorm weight in
+    the graph, two ranks swapped in the tokenizer's file. Now one line naming the file, exit 2."""
+    import onnx
+    from onnx import numpy_helper
+
+    folder = shutil.copytree(tiny_export_path, tmp_path / "export")
+    if edit == "negated ln_f.weight":
+        relative = "onnx/model.onnx"
+        model = onnx.load(folder / relative)
+        final_norm = [n for n in model.graph.node if n.op_type == "LayerNormalization"][-1]  # ln_f
+        weights = {t.name: t for t in model.graph.initializer}
+        negated = numpy_helper.from_array(-numpy_helper.to_array(weights[final_norm.input[1]]), "ln_f_negated")
+        model.graph.initializer.append(negated)  # its own tensor: identical LayerNorm weights may be shared
+        final_norm.input[1] = "ln_f_negated"
+        onnx.save(model, folder / relative)
+    else:
+        relative = "gpt2.tiktoken"
+        lines = (folder / relative).read_text().splitlines()
+        (token_a, rank_a), (token_b, rank_b) = lines[300].split(), lines[301].split()
+        lines[300], lines[301] = f"{token_a} {rank_b}", f"{token_b} {rank_a}"
+        (folder / relative).write_text("\n".join(lines) + "\n")
+    assert_refused(gptdeploy("generate", folder, "--prompt", "ROMEO:", "--max-new-tokens", "2", "--greedy"),
+                   relative)
+
+
+def test_an_internal_error_is_one_line_with_its_own_exit_code(monkeypatch, capsys):
+    """A bug is neither bad input (2) nor a failed comparison (1): exit 70, one line saying how to see more;
+    GPTDEPLOY_DEBUG=1 lets the traceback through."""
+    import gptdeploy.loading
+    from gptdeploy.app.cli import run
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(gptdeploy.loading, "load", broken)
+    monkeypatch.delenv("GPTDEPLOY_DEBUG", raising=False)
+    assert run(["info", "tiny", "--random"]) == 70
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "internal error, ZeroDivisionError: division by zero" in lines[0]
+    assert "GPTDEPLOY_DEBUG=1" in lines[0]
+    monkeypatch.setenv("GPTDEPLOY_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        run(["info", "tiny", "--random"])

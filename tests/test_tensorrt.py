@@ -96,6 +96,18 @@ def test_decode_profile_is_one_token_after_the_past(tiny_export_path):
                 (1, heads, 1, head_dim), (1, heads, 32, head_dim), (8, heads, 127, head_dim))
 
 
+def test_ort_trt_leaves_precision_to_the_graph(tiny_export_path, tmp_path):
+    """No trt_fp16_enable: it makes ONNX Runtime build a weakly typed network, which TensorRT 11 removed; an
+    fp16 export's own types decide, as in the trt runtime. The profile is the one bench and parity use."""
+    from gptdeploy.runtimes.ort_trt import provider_options
+
+    folder = read_export(tiny_export_path)
+    shapes = profile_shapes(folder.manifest["graphs"]["with_past"], DECODE, make_settings(128))
+    options = provider_options(shapes, device_id=0, cache_dir=tmp_path, workspace_gib=1)
+    assert not [k for k in options if "fp16" in k or "int8" in k or "bf16" in k]
+    assert options["trt_engine_cache_enable"] and options["trt_profile_max_shapes"].startswith("input_ids:")
+
+
 def test_an_unknown_symbolic_dimension_is_an_error():
     graph = {"inputs": [{"name": "input_ids", "shape": ["batch_size", "beam_width"]}]}
     with pytest.raises(GptDeployError, match="input input_ids has a dimension 'beam_width'"):
