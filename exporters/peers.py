@@ -67,10 +67,18 @@ def write_ct2(loaded: LoadedModel, folder: Path, quantization: str) -> dict:
     _check_gpt2_bpe(loaded, "CTranslate2")
     if quantization not in CT2_QUANTIZATIONS:
         raise GptDeployError(f"unknown CTranslate2 quantization {quantization!r}; choose {', '.join(CT2_QUANTIZATIONS)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        hf = write_hf_folder(loaded, Path(tmp) / "hf")
-        ctranslate2.converters.TransformersConverter(str(hf), load_as_float16=False).convert(
-            str(folder), quantization=quantization, force=True)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the converter loads the folder with transformers: no bar on stderr
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = write_hf_folder(loaded, Path(tmp) / "hf")
+            ctranslate2.converters.TransformersConverter(str(hf), load_as_float16=False).convert(
+                str(folder), quantization=quantization, force=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return {"converter": f"ctranslate2 {ctranslate2.__version__} TransformersConverter",
             "quantization": quantization}
 

@@ -65,6 +65,7 @@ class SessionConfig:
     inter_op_threads: int = 0  # threads across independent operators (used in parallel execution mode)
     optimization_level: str = "all"  # one of OPTIMIZATION_LEVELS
     log_severity: int = 3  # 0 verbose ... 3 errors only: ONNX Runtime's warnings are noise to a user
+    profile_prefix: str | None = None  # ONNX Runtime's profiler on: each session writes PREFIX_<time>.json
 
     @classmethod
     def of(cls, options: OpenOptions) -> SessionConfig:
@@ -81,6 +82,9 @@ class SessionConfig:
         options.inter_op_num_threads = self.inter_op_threads
         options.graph_optimization_level = OPTIMIZATION_LEVELS[self.optimization_level]
         options.log_severity_level = self.log_severity
+        if self.profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = self.profile_prefix
         return options
 
 
@@ -313,6 +317,10 @@ class OrtRunner(Runner):
             if not type(e).__module__.startswith("onnxruntime"):
                 raise
             raise RuntimeFailed(f"ONNX Runtime failed running {self.graph.name}: {_first_line(e)}") from None
+
+    def end_profiling(self) -> list[str]:
+        """With SessionConfig.profile_prefix: ends each session's profile; the JSON files written."""
+        return [session.end_profiling() for session in self._sessions.values()]
 
     def close(self) -> None:
         self.session = None

@@ -24,7 +24,8 @@ from gptdeploy.export_folder import (
     read_export,
 )
 from gptdeploy.app.generation import GenerationConfig, generate
-from gptdeploy.exporters.ort_variants import QuantSettings
+from gptdeploy.app.quality import window_loss
+from gptdeploy.exporters.ort_variants import DEFAULT_QUANTIZATION, QuantSettings
 from gptdeploy.tokenizer import BPETokenizer
 from gptdeploy.runtimes.ort import OrtRunner, SessionConfig, SharedCache
 from gptdeploy.runtimes.registry import RUNTIMES
@@ -69,7 +70,8 @@ def test_every_variant_is_written_validated_and_recorded(optimized, lively):
         assert entry["logits_to_keep"]["initializer"] == LOGITS_TO_KEEP
     for name in ("int8", "q4"):
         quant = folder.variants[name]["quantization"]
-        assert (quant["bits"], quant["block_size"], quant["accuracy_level"]) == ({"int8": 8, "q4": 4}[name], 32, 4)
+        expected = {"int8": (8, 128, 4, True), "q4": (4, 128, 4, False)}[name]  # DEFAULT_QUANTIZATION
+        assert (quant["bits"], quant["block_size"], quant["accuracy_level"], quant["symmetric"]) == expected
         assert folder.variants[name]["fused_operators"]["com.microsoft.MatMulNBits"] == 4 * n_layer + 1
     # nothing half-written left behind, and model.onnx untouched
     assert sorted(p.name for p in folder.path.iterdir() if p.name.startswith(".")) == []
@@ -269,6 +271,10 @@ def test_variants_held_are_kept_unless_forced(optimized):
                              force=True)
     assert forced.written == ["q4"] and forced.folder.variants["q4"]["quantization"]["block_size"] == 64
     assert list(forced.folder.variants) == list(VARIANTS)  # the others are still recorded
+    # a variant quantized otherwise than asked (here: the defaults) is made again, without --force
+    default = optimize_export(optimized.folder.path, ["q4", "int8"])
+    assert default.written == ["q4"] and default.kept == ["int8"]
+    assert default.folder.variants["q4"]["quantization"]["block_size"] == DEFAULT_QUANTIZATION["q4"].block_size
 
 
 def test_open_runner_makes_a_checkpoints_variant_once(seeded_cache):
@@ -396,21 +402,6 @@ SHAKESPEARE_WEIGHTS = Path(loading.__file__).parent / "data" / "shakespeare.safe
 VAL_SLICE = Path(__file__).parent / "data" / "shakespeare_val_slice.txt"  # held-out Shakespeare text
 
 
-def loss_and_predictions(runner, ids: list[int], block_size: int) -> tuple[float, np.ndarray]:
-    """Mean next-token loss (nats) over consecutive windows of block_size tokens, and the top-1 predictions."""
-    nll, predictions = [], []
-    for start in range(0, len(ids) - 1, block_size):
-        window = np.array([ids[start:start + block_size + 1]])
-        x, targets = window[:, :-1], window[0, 1:]
-        logits = runner.step(x, np.ones_like(x), np.arange(x.shape[1])[None], runner.new_cache(1)).logits[0]
-        logits = logits.astype(np.float64)
-        top = logits.max(-1)
-        log_z = top + np.log(np.exp(logits - top[:, None]).sum(-1))
-        nll.append(log_z - logits[np.arange(len(targets)), targets])
-        predictions.append(logits.argmax(-1))
-    return float(np.concatenate(nll).mean()), np.concatenate(predictions)
-
-
 @pytest.mark.skipif(not SHAKESPEARE_WEIGHTS.is_file() or not VAL_SLICE.is_file(),
                     reason="the trained shakespeare weights or the held-out text are not in the package")
 def test_quantized_variants_keep_shakespeares_quality(shakespeare_optimized_path):
@@ -418,9 +409,9 @@ def test_quantized_variants_keep_shakespeares_quality(shakespeare_optimized_path
     folder = shakespeare_optimized_path
     ids = BPETokenizer().encode(VAL_SLICE.read_text(encoding="utf-8"), allow_special=False)
     block_size = read_export(folder).config["block_size"]
-    fp32_loss, fp32_top1 = loss_and_predictions(OrtRunner(folder), ids, block_size)
+    fp32_loss, fp32_top1 = window_loss(OrtRunner(folder), ids, block_size)
     for name, loss_bound, agreement_bound in (("int8", 1.01, 0.97), ("q8", 1.01, 0.97), ("q4", 1.05, 0.90)):
-        loss, top1 = loss_and_predictions(OrtRunner(folder, variant=name), ids, block_size)
+        loss, top1 = window_loss(OrtRunner(folder, variant=name), ids, block_size)
         agreement = float((top1 == fp32_top1).mean())
         print(f"{name}: loss {loss:.4f} vs fp32 {fp32_loss:.4f} ({loss / fp32_loss - 1:+.2%}), top-1 agreement "
               f"{agreement:.2%}")

@@ -147,20 +147,26 @@ def optimize(
         help="Variants to write, comma-separated: fp32-fused (CPU), fp16 (CUDA), int8 (CPU), q8 (portable 8-bit, "
              "transformers.js' q8), q4 (CPU).")
     ] = "fp32-fused,fp16,int8,q8,q4",
-    block_size: Annotated[int, typer.Option(help="int8 and q4: weights per quantization block (scale, zero "
-                                            "point).")] = 32,
-    accuracy_level: Annotated[int, typer.Option(
-        help="int8 and q4: MatMulNBits compute type on CPU: 4 int8 dot products (fastest), 1 fp32.")] = 4,
-    symmetric: Annotated[bool, typer.Option("--symmetric", help="int8 and q4: no zero points.")] = False,
+    block_size: Annotated[int | None, typer.Option(help="int8 and q4: weights per quantization block (scale, zero "
+                                                   "point).  [default: 128]", show_default=False)] = None,
+    accuracy_level: Annotated[int | None, typer.Option(
+        help="int8 and q4: MatMulNBits compute type on CPU: 4 int8 dot products (fastest), 1 fp32.  [default: 4]",
+        show_default=False)] = None,
+    symmetric: Annotated[bool | None, typer.Option(
+        "--symmetric/--asymmetric", help="int8 and q4: without zero points, or with one per block.  [default: "
+        "int8 symmetric, q4 asymmetric]", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Write again the variants the folder holds.")] = False,
 ):
     """Add ONNX Runtime variants (fused, fp16, int8, q8, q4) beside onnx/model.onnx, each validated."""
     from gptdeploy.app.exporting import optimize_export
-    from gptdeploy.exporters.ort_variants import QuantSettings, check_variants
+    from dataclasses import replace
+
+    from gptdeploy.exporters.ort_variants import DEFAULT_QUANTIZATION, check_variants
 
     names = check_variants(variants.split(","))
-    quantization = {name: QuantSettings(bits=bits, block_size=block_size, symmetric=symmetric,
-                                        accuracy_level=accuracy_level) for name, bits in (("int8", 8), ("q4", 4))}
+    chosen = {"block_size": block_size, "accuracy_level": accuracy_level, "symmetric": symmetric}
+    quantization = {name: replace(settings, **{k: v for k, v in chosen.items() if v is not None})
+                    for name, settings in DEFAULT_QUANTIZATION.items()}
     _print_variants(optimize_export(folder, names, quantization=quantization, force=force, progress=Progress()))
 
 

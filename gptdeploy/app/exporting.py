@@ -134,7 +134,8 @@ def optimize_export(folder: ExportFolder | str | Path, variants=None, *, referen
     reference: the PyTorch model (gptdeploy.GPT) the folder was exported from, to validate against;
         None validates against the folder's own model.onnx in ONNX Runtime.
     quantization: per quantized variant (int8, q4), QuantSettings in place of the defaults.
-    force: make again the variants the folder already holds (otherwise they are kept as they are).
+    force: make again the variants the folder already holds (otherwise they are kept as they are, unless
+        a quantized one was made with other settings than those asked for now: then it is made again).
     Raises GptDeployError for a folder that is not an fp32 export, bad settings, or a variant that fails
     its validation (then nothing is written).
     """
@@ -149,7 +150,8 @@ def optimize_export(folder: ExportFolder | str | Path, variants=None, *, referen
     quantization = {**ort_variants.DEFAULT_QUANTIZATION, **(quantization or {})}
     for settings in quantization.values():
         settings.check()
-    kept = [n for n in names if n in folder.variants and not force]
+    kept = [n for n in names if n in folder.variants and not force
+            and _same_quantization(folder.variants[n], quantization.get(n))]
     todo = [n for n in names if n not in kept]
     if not todo:
         return OptimizeResult(folder, [], kept, time.perf_counter() - start)
@@ -182,6 +184,14 @@ def optimize_export(folder: ExportFolder | str | Path, variants=None, *, referen
     except OSError as e:
         raise GptDeployError(f"cannot write the variants into {folder.path}: {e.strerror or e}") from e
     return OptimizeResult(folder, todo, kept, time.perf_counter() - start)
+
+
+def _same_quantization(entry: dict, settings) -> bool:
+    """Whether a variant the folder holds was quantized as `settings` asks (True for unquantized ones)."""
+    if settings is None:
+        return True
+    recorded = entry.get("quantization") or {}
+    return all(recorded.get(k) == getattr(settings, k) for k in ("bits", "block_size", "symmetric", "accuracy_level"))
 
 
 def _move_variants_into_place(tmp: Path, folder: ExportFolder, entries: dict[str, dict]) -> ExportFolder:

@@ -93,9 +93,9 @@ def choose_tokens(logits: np.ndarray, config: GenerationConfig, rng: np.random.G
     chosen. Sampling scales by temperature, keeps the top_k, then the top_p nucleus, and draws with the
     Gumbel-max trick (argmax of scores + Gumbel noise samples from their softmax).
     """
+    if config.is_greedy:  # the logits as they are: widening them would not change the argmax
+        return logits[:, :vocab_limit].argmax(-1)
     scores = logits[:, :vocab_limit].astype(np.float64)
-    if config.is_greedy:
-        return scores.argmax(-1)
     scores /= config.temperature
     if config.top_k is not None and config.top_k < vocab_limit:
         kth = np.partition(scores, -config.top_k, axis=-1)[:, -config.top_k, None]
