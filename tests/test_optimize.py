@@ -22,6 +22,7 @@ from gptdeploy.export_folder import (
     VARIANTS,
     past_names,
     read_export,
+    verify,
 )
 from gptdeploy.app.generation import GenerationConfig, generate
 from gptdeploy.app.quality import window_loss
@@ -270,11 +271,22 @@ def test_variants_held_are_kept_unless_forced(optimized):
     forced = optimize_export(optimized.folder.path, ["q4"], quantization={"q4": QuantSettings(bits=4, block_size=64)},
                              force=True)
     assert forced.written == ["q4"] and forced.folder.variants["q4"]["quantization"]["block_size"] == 64
+    assert _block_size(forced.folder, "q4") == 64  # the file itself was replaced, not only its manifest entry
     assert list(forced.folder.variants) == list(VARIANTS)  # the others are still recorded
+    verify(forced.folder)
     # a variant quantized otherwise than asked (here: the defaults) is made again, without --force
     default = optimize_export(optimized.folder.path, ["q4", "int8"])
     assert default.written == ["q4"] and default.kept == ["int8"]
     assert default.folder.variants["q4"]["quantization"]["block_size"] == DEFAULT_QUANTIZATION["q4"].block_size
+    assert _block_size(default.folder, "q4") == DEFAULT_QUANTIZATION["q4"].block_size
+    verify(default.folder)
+
+
+def _block_size(folder, variant: str) -> int:
+    """The block size the variant's graph file holds (its first MatMulNBits)."""
+    model = onnx.load(folder.path / folder.variants[variant]["file"], load_external_data=False)
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "block_size")
 
 
 def test_open_runner_makes_a_checkpoints_variant_once(seeded_cache):
@@ -434,7 +446,9 @@ def test_gpt2_variants(tmp_path):
     assert variants["fp32-fused"]["validation"]["max_abs_diff"] <= 1e-4
     assert all(v["validation"]["passed"] for v in variants.values())
     size = {name: os.path.getsize(folder / v["file"]) for name, v in variants.items()}
-    base = os.path.getsize(folder / "onnx" / "model.onnx")
+    # model.onnx with its weights, shared (onnx/model.onnx_data, from 100 MB of weights) or inline
+    base = sum(os.path.getsize(folder / "onnx" / name) for name in ("model.onnx", "model.onnx_data")
+               if (folder / "onnx" / name).is_file())
     # q4 and int8 keep the fp32 embedding table (154 MB) for the Gather, beside the quantized lm_head
     assert size["q4"] < 0.5 * base and size["int8"] < 0.65 * base and size["fp16"] < 0.51 * base
     assert variants["q4"]["fused_operators"]["com.microsoft.MatMulNBits"] == 49

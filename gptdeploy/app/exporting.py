@@ -200,9 +200,10 @@ def _move_variants_into_place(tmp: Path, folder: ExportFolder, entries: dict[str
     import onnxruntime
     import onnxscript
 
+    # every file staged for the variants, those that replace a variant's old file included; the export's shared
+    # weights, which the variants reference, are in place already (their links were removed from the stage)
     staged = {relative: sha256_file(tmp / relative) for entry in entries.values()
-              for relative in (entry["file"], *data_files(entry))
-              if relative not in folder.manifest["files"]}  # the export's shared weights: in place already
+              for relative in (entry["file"], *data_files(entry)) if (tmp / relative).is_file()}
     variants = {**folder.variants, **entries}
     with deferred_signals():
         for relative in staged:
