@@ -27,7 +27,9 @@ CHECKPOINT, EXPORT = "checkpoint", "export folder"  # what a runtime runs: the P
 @dataclass(frozen=True)
 class Precision:
     name: str
-    bytes_per_weight: float  # int8 / int4: the values plus, per block of 32, an fp32 scale and a zero point
+    # int8 / int4: the values plus, per block of 128 (the variants' default quantization), an fp32 scale, and
+    # for int4 a 4-bit zero point (int8 is symmetric: none)
+    bytes_per_weight: float
     kv: str  # the KV cache's precision (weight-only quantization keeps an fp32 cache)
     tolerances: str  # its row of gptdeploy.compare.TOLERANCES
 
@@ -36,8 +38,8 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in [
     Precision("fp32", 4, "fp32", "fp32"),
     Precision("fp16", 2, "fp16", "fp16"),
     Precision("bf16", 2, "bf16", "bf16"),
-    Precision("int8", 1 + 5 / 32, "fp32", "int8"),
-    Precision("int4", 0.5 + 4.5 / 32, "fp32", "int4"),
+    Precision("int8", 1 + 4 / 128, "fp32", "int8"),
+    Precision("int4", 0.5 + 4.5 / 128, "fp32", "int4"),
 ]}
 ALIASES = {"q4": "int4", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 MODEL_PRECISIONS = ("fp32", "fp16", "bf16")  # what the PyTorch model runs in

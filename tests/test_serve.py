@@ -317,6 +317,15 @@ def test_triton_command(folder, tmp_path, capsys):
     assert 'name: "tensorrt"' in (out / "bard_step" / "config.pbtxt").read_text()
     assert run(["triton", str(folder.path), "--out", str(out)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
+    assert run(["triton", str(folder.path), "--out", str(out), "--force"]) == 0  # its own repository: replaced
+    capsys.readouterr()
+    mine = tmp_path / "mine"  # a user's folder: --force never deletes it
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("mine")
+    assert run(["triton", str(folder.path), "--out", str(mine), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "not a model repository that gptdeploy wrote" in err and len(err.strip().splitlines()) == 1
+    assert (mine / "thesis.txt").read_text() == "mine"
     for bad, says in ((["--runtime", "torch"], "--runtime 'torch'"), (["--instances", "0"], "--instances"),
                       (["--name", "../x"], "--name")):
         assert run(["triton", str(folder.path), "--out", str(tmp_path / "other"), *bad]) == 2

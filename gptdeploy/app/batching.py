@@ -58,6 +58,7 @@ class _Row:
     pending: int = 0  # the last chosen token, fed at the next step
     done: str | None = None
     message: str = ""
+    ended: bool = False  # its job was told it finished: never twice
 
 
 def concat_cache_of(runner) -> Callable | None:
@@ -218,6 +219,9 @@ class Batcher:
         return cache, mask
 
     def _end(self, row: _Row, reason: str) -> None:
+        if row.ended:
+            return
+        row.ended = True
         try:
             row.job.finish(reason, row.new_ids, row.message)
         except Exception:  # noqa: BLE001 - a client that cannot be told any more

@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from gptdeploy.app.bench_settings import FAILED, UNAVAILABLE, BenchSettings, is_peer, peer_type, split_runtime
-from gptdeploy.app.export_cache import ExportCache
+from gptdeploy.app.export_cache import ExportCache, peer_record
 from gptdeploy.app.exporting import ensure_engines, optimize_export
 from gptdeploy.app.generation import GenerationConfig, generate
 from gptdeploy.app.machine import GpuMemoryMonitor, ResidentMemory
@@ -201,7 +201,7 @@ class PeerSession:
         start = time.perf_counter()
         loaded = load(settings.source, weights="random" if settings.random_weights else None, seed=settings.seed)
         self.setup = {"load_s": time.perf_counter() - start}
-        reused = ExportCache().peer_path(loaded, engine, weight_type).exists()
+        reused = peer_record(ExportCache().peer_path(loaded, engine, weight_type), loaded) is not None
         start = time.perf_counter()
         folder, self.conversion = ExportCache().peer(loaded, engine, weight_type)
         self.setup |= {"convert_s": time.perf_counter() - start, "convert_reused": reused}

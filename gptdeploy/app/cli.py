@@ -9,6 +9,7 @@ the command the same way (nothing is left half-written) and print "gptdeploy: in
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -762,6 +763,7 @@ def serve(
     finally:
         with deferred_signals():
             server.stop()
+            shutil.rmtree(repo, ignore_errors=True)  # this serve's own repository, in the cache
 
 
 def _model_name(source: str) -> str:

@@ -84,7 +84,7 @@ class ExportCache:
         from gptdeploy.exporters.peers import write_ct2, write_gguf
 
         path = self.peer_path(loaded, engine, weight_type)
-        record = _peer_record(path, loaded)
+        record = peer_record(path, loaded)
         if record is not None:
             return path, record
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,13 +99,11 @@ class ExportCache:
             record = {"weights_sha256": loaded.fingerprint, "engine": engine, "weight_type": weight_type, **record,
                       "files": files, "bytes": sum(files.values())}
             write_atomic(tmp / "peer.json", json.dumps(record, indent=2) + "\n")
-            if path.exists():  # a stale or broken entry: the cache's own
-                shutil.rmtree(path)
-            replace_folder(tmp, path)
+            replace_folder(tmp, path)  # a stale or broken entry (the cache's own) is swapped out and removed
         return path, record
 
 
-def _peer_record(path: Path, loaded: LoadedModel) -> dict | None:
+def peer_record(path: Path, loaded: LoadedModel) -> dict | None:
     """peer.json of a complete conversion of these weights whose files are all there, at their sizes."""
     try:
         record = json.loads((path / "peer.json").read_text(encoding="utf-8"))

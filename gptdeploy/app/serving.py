@@ -181,8 +181,13 @@ class TritonServer:
         _remove_dead_workdirs()
         self._workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
         backends = self._workdir / "backends"
-        shutil.copytree(install.backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy2(install.stub, backends / "python" / "triton_python_backend_stub")
+        try:
+            shutil.copytree(install.backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copy2(install.stub, backends / "python" / "triton_python_backend_stub")
+        except OSError as e:
+            self._cleanup()
+            raise GptDeployError(f"cannot prepare Triton's python backend in {tempfile.gettempdir()}: "
+                                 f"{e.strerror or e}") from None
         env = self.environment(install)
         try:
             self.process = subprocess.Popen(
@@ -255,6 +260,7 @@ class TritonServer:
             _kill_group(process.pid)  # stubs that outlived the server, if any
             try:
                 process.wait(5)
+                self.process = None  # reaped: a second stop() must not signal a group id reused since
             except subprocess.TimeoutExpired:
                 pass
         self._cleanup()
@@ -286,13 +292,22 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+def _find_prctl():
+    """libc's prctl, looked up in the parent: the child between fork and exec only calls it (no dlopen there,
+    where another thread of the parent may have held the loader's lock)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _find_prctl()
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the parent dies (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _url_host(host: str) -> str:
@@ -329,9 +344,26 @@ def served_repository(folder, settings, cache=None) -> Path:
     """The repository `gptdeploy serve` serves: written into the export cache (<cache>/triton/...), again each
     time (hard links to the export, so it is quick)."""
     from gptdeploy.app.export_cache import ExportCache
-    from gptdeploy.app.triton_repo import write_repository
+    from gptdeploy.app.triton_repo import REPO_MARK, write_repository
 
     root = (cache or ExportCache()).root / "triton"
     key = f"{folder.path.name}-{settings.name}-{settings.runtime}-{settings.variant or 'export'}-" \
           f"i{settings.instances}-b{settings.max_batch}-t{settings.threads}"
-    return write_repository(folder, root / key, settings, force=True)
+    # one repository per serving process (another serve of the same model must not swap it under a live
+    # server); those of processes that are gone are removed here
+    if root.is_dir():
+        for old in root.glob(f"{key}-p*"):
+            pid = old.name.rsplit("-p", 1)[1]
+            if pid.isdigit() and not _alive(int(pid)) and (old / REPO_MARK).is_file():
+                shutil.rmtree(old, ignore_errors=True)
+    return write_repository(folder, root / f"{key}-p{os.getpid()}", settings, force=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

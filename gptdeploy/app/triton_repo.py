@@ -68,6 +68,9 @@ class RepoSettings:
         return self.runtime != "ort"
 
 
+REPO_MARK = ".gptdeploy-triton"  # in every repository gptdeploy writes: what --force may replace
+
+
 def write_repository(folder: ExportFolder, out: str | Path, settings: RepoSettings = RepoSettings(),
                      force: bool = False) -> Path:
     """Writes the repository into `out` (staged beside it, then renamed into place)."""
@@ -77,10 +80,17 @@ def write_repository(folder: ExportFolder, out: str | Path, settings: RepoSettin
     out = Path(out).absolute()
     if out.exists() and not force:
         raise GptDeployError(f"{out} exists; pass --force to replace it")
+    if out.exists() and not (out.is_dir() and ((out / REPO_MARK).is_file() or not any(out.iterdir()))):
+        raise GptDeployError(f"{out} is not a model repository that gptdeploy wrote (no {REPO_MARK}); --force "
+                             f"replaces only those, or an empty folder: choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with staging_folder(out) as stage:
-        _write(folder, stage, settings)
-        replace_folder(stage, out)
+    try:
+        with staging_folder(out) as stage:
+            _write(folder, stage, settings)
+            (stage / REPO_MARK).write_text("a Triton model repository written by gptdeploy triton\n")
+            replace_folder(stage, out)
+    except OSError as e:
+        raise GptDeployError(f"cannot write the repository {out}: {e.strerror or e}") from None
     return out
 
 
@@ -186,7 +196,7 @@ Written by `gptdeploy triton` from {source} ({folder.precision}). Two models:
   `token_ids`, `finish_reason`. It runs gptdeploy's generation over ONNX Runtime, and decodes the
   requests that arrive together as one batch (continuous batching). `1/gptdeploy/` is the part of
   gptdeploy it runs, `1/export/` the export folder.
-- `{s.name}{STEP_SUFFIX}`: the KV-cache step graph (`onnx/model.onnx`) on Triton's onnxruntime backend, for
+- `{s.name}{STEP_SUFFIX}`: the KV-cache step graph (`{s.name}{STEP_SUFFIX}/1/model.onnx`, the export's `onnx/model.onnx`) on Triton's onnxruntime backend, for
   clients that run the generation loop themselves.
 
 ## Serve it with Docker
@@ -223,7 +233,7 @@ spec:
       storageUri: gs://BUCKET/{s.name}-repo
       runtimeVersion: 25.01-py3
       command: ["bash", "-c"]
-      args: ["pip install -q onnxruntime tiktoken && tritonserver --model-repository=/mnt/models --http-port=8080 --grpc-port=9000"]
+      args: ["pip install -q onnxruntime{'-gpu' if s.gpu else ''} tiktoken && tritonserver --model-repository=/mnt/models --http-port=8080 --grpc-port=9000"]
       resources:
         limits: {{cpu: "2", memory: 4Gi{', nvidia.com/gpu: "1"' if s.gpu else ''}}}
 ```
