@@ -23,7 +23,7 @@ from gptdeploy.export_folder import (
 )
 from gptdeploy.model import GPT, LayerNorm
 
-# What an fp16 graph keeps in fp32, and why (the README has the measured figures):
+# What an fp16 graph keeps in fp32, and why (docs/export-folder.md has the measured figures):
 # - every LayerNorm (ln_1, ln_2, ln_f), input, weights and output: its variance squares the residual
 #   stream, whose largest activations (hundreds to thousands in trained GPT-2) square past fp16's
 #   65504; ONNX Runtime accumulates in fp32 anyway, but backends that normalise in the input's

@@ -248,7 +248,7 @@ def _tanh_gelu_to_fast_gelu(model) -> int:
 
     onnxscript fuses the tanh GELU written out in elementary operators (opset 18) and leaves the Gelu
     operator alone; onnxruntime.transformers' optimizer would turn it into BiasGelu, which is the erf
-    GELU: another function (the README has the measured difference).
+    GELU: another function (docs/ort-optimization.md has the measured difference).
     """
     import onnx_ir as ir
 
