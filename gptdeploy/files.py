@@ -171,7 +171,7 @@ def remove_leftovers(parent: Path, name: str | None = None) -> list[Path]:
         return removed
     for entry in entries:
         found = _leftover_of(entry.name)
-        if found is None or (name is not None and found[0] != name) or _alive(found[1]):
+        if found is None or (name is not None and found[0] != name) or process_alive(found[1]):
             continue
         stem = found[0]
         if entry.is_dir() and not entry.is_symlink() and not _ours(entry):
@@ -210,7 +210,8 @@ def _leftover_of(filename: str) -> tuple[str, int] | None:
     return (body[0], int(pid)) if pid.isdigit() else None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (this one included; another user's counts as running)."""
     if pid == os.getpid():
         return True
     try:

@@ -40,6 +40,7 @@ from pathlib import Path
 from threading import Thread
 
 from gptdeploy.errors import GptDeployError
+from gptdeploy.files import process_alive
 
 SERVE_EXTRA = "pip install 'gptdeploy[serve]'"
 WORKDIR_PREFIX = "gptdeploy-triton-"  # + the pid of the process that serves: a temporary backend folder
@@ -275,14 +276,8 @@ def _remove_dead_workdirs() -> None:
     """The backend folders of servers whose `gptdeploy serve` was killed outright (SIGKILL leaves them)."""
     for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
         pid = folder.name[len(WORKDIR_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and not process_alive(int(pid)):  # another user's server counts as alive
             shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:  # another user's server, alive
-            pass
 
 
 def _kill_group(pgid: int) -> None:
@@ -354,16 +349,7 @@ def served_repository(folder, settings, cache=None) -> Path:
     if root.is_dir():
         for old in root.glob(f"{key}-p*"):
             pid = old.name.rsplit("-p", 1)[1]
-            if pid.isdigit() and not _alive(int(pid)) and (old / REPO_MARK).is_file():
+            if pid.isdigit() and not process_alive(int(pid)) and (old / REPO_MARK).is_file():
                 shutil.rmtree(old, ignore_errors=True)
     return write_repository(folder, root / f"{key}-p{os.getpid()}", settings, force=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
