@@ -201,9 +201,10 @@ class PeerSession:
         start = time.perf_counter()
         loaded = load(settings.source, weights="random" if settings.random_weights else None, seed=settings.seed)
         self.setup = {"load_s": time.perf_counter() - start}
-        reused = peer_record(ExportCache().peer_path(loaded, engine, weight_type), loaded) is not None
+        cache = ExportCache()
+        reused = peer_record(cache.peer_path(loaded, engine, weight_type), loaded) is not None
         start = time.perf_counter()
-        folder, self.conversion = ExportCache().peer(loaded, engine, weight_type)
+        folder, self.conversion = cache.peer(loaded, engine, weight_type)
         self.setup |= {"convert_s": time.perf_counter() - start, "convert_reused": reused}
         self.vocab_size, self.config = loaded.tokenizer.vocab_size, loaded.config
         del loaded
