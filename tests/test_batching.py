@@ -72,3 +72,25 @@ def test_a_job_whose_client_is_gone_leaves_and_the_others_go_on(local):
         batcher.close()
     assert results[0][0] == CANCELLED and len(results[0][1]) == 3
     assert [results[i][0] for i in range(1, len(PROMPTS))] == [LENGTH] * (len(PROMPTS) - 1)
+
+
+def test_close_ends_every_job_it_was_given(local):
+    """Jobs submitted up to close() all hear their end: the rows decoding and those still queued (more than
+    max_batch) finish, with CANCELLED unless they were done; a submit after close is refused."""
+    runner, tokenizer = local
+    batcher = Batcher(runner, tokenizer, max_batch=2)
+    ended, lock = [], threading.Lock()
+
+    def finish(reason, ids, message):
+        with lock:
+            ended.append(reason)
+
+    config = GenerationConfig(max_new_tokens=200, greedy=True, stop_at_eot=False)
+    for prompt in PROMPTS:
+        batcher.submit(Job(tokenizer.encode(prompt), config, lambda token: True, finish))
+    time.sleep(0.05)
+    batcher.close()
+    assert not batcher._thread.is_alive()
+    assert len(ended) == len(PROMPTS) and set(ended) == {CANCELLED}, ended
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(Job(tokenizer.encode("ROMEO:"), config, lambda token: True, finish))

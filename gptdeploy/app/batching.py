@@ -91,20 +91,23 @@ class Batcher:
         self._build_cache = concat_cache_of(runner)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._closed = threading.Event()
+        self._lock = threading.Lock()  # submit and close: every job queued before close is ended by the thread
         self.steps = 0  # decode steps run, and the rows they carried: rows_stepped / steps is the mean batch
         self.rows_stepped = 0
         self._thread = threading.Thread(target=self._loop, name="gptdeploy-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        if self._closed.is_set():
-            raise RuntimeError("the batcher is closed")
-        self._queue.put(job)
+        with self._lock:
+            if self._closed.is_set():
+                raise RuntimeError("the batcher is closed")
+            self._queue.put(job)
 
     def close(self, timeout: float = 10) -> None:
-        """Stops the thread; rows still running finish with CANCELLED."""
-        self._closed.set()
-        self._queue.put(None)
+        """Stops the thread; rows still running, and jobs still waiting, finish with CANCELLED."""
+        with self._lock:
+            self._closed.set()
+            self._queue.put(None)  # after every job a submit queued: submit holds the lock to check and put
         self._thread.join(timeout)
 
     # --- the batcher thread -------------------------------------------------------------------------------
@@ -115,7 +118,7 @@ class Batcher:
         while True:
             joining = self._take(block=not rows, room=self.max_batch - len(rows))
             if self._closed.is_set():
-                for row in rows + [_Row(j, None, 0) for j in joining]:
+                for row in rows + [_Row(j, None, 0) for j in joining + self._drain()]:
                     self._end(row, CANCELLED)
                 return
             try:
@@ -144,6 +147,17 @@ class Batcher:
                 break
             jobs.append(job)
         return jobs
+
+    def _drain(self) -> list[Job]:
+        """The jobs still queued (close has put its None after them), taken without waiting."""
+        jobs = []
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return jobs
+            if job is not None:
+                jobs.append(job)
 
     def _choose(self, row: _Row, logits: np.ndarray) -> None:
         """The row's next token from its logits [vocab], sent to its client; marks the row done when it ends."""
