@@ -177,8 +177,36 @@ def test_grpc_stream_equals_cli_greedy(server, cli_greedy):
     assert [got[str(n)] for n in range(len(PROMPTS))] == cli_greedy
 
 
+def decode_counters(server) -> tuple[float, float]:
+    """(gptdeploy_decode_steps, gptdeploy_decode_rows) of the model, from the server's Prometheus metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.ports.metrics, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("gptdeploy_decode_steps{", "gptdeploy_decode_rows{")) and f'model="{NAME}"' in line:
+            values[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
+    return values.get("gptdeploy_decode_steps", 0.0), values.get("gptdeploy_decode_rows", 0.0)
+
+
+def settled_counters(server) -> tuple[float, float]:
+    """The counters once the model's metrics thread (once a second) has caught up: two equal readings."""
+    last = decode_counters(server)
+    for _ in range(20):
+        time.sleep(1.1)
+        now = decode_counters(server)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def test_32_concurrent_requests_are_batched_and_correct(server, local):
     runner, tokenizer = local
+    steps_before, rows_before = settled_counters(server)
     rng = np.random.default_rng(0)
     requests = []
     for n in range(32):
@@ -210,6 +238,9 @@ def test_32_concurrent_requests_are_batched_and_correct(server, local):
         expected = generate(runner, tokenizer, [body["text_input"]], config).new_ids[0]
         assert ids == expected, body
     assert elapsed < 60
+    steps, rows = settled_counters(server)
+    # rows / steps: the mean batch of the decode steps these requests took; one at a time it would be 1
+    assert steps > steps_before and (rows - rows_before) / (steps - steps_before) > 2, (steps, rows)
 
 
 # Triton's generate endpoint answers the JSON it cannot parse itself, before the model sees it, and gives

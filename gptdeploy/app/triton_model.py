@@ -12,6 +12,11 @@ Outputs: text_output (BYTES: the new text of this response), token_ids (INT64 [-
 finish_reason (BYTES: "" while streaming, then eot, length or cancelled).
 A bad request gets an error response (HTTP 400): the prompt too long, max_tokens out of range, a
 wrong parameter.
+
+Metrics (Prometheus, beside Triton's own on its metrics port; labels model and version): counters
+gptdeploy_decode_steps (decode steps the instance's batcher ran) and gptdeploy_decode_rows (the rows
+those steps carried: rows / steps is the mean batch), brought up to date once a second by a thread of
+their own, so that no decode step waits for a round trip to the server.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class TritonPythonModel:
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
         self.outbox = Outbox()
         self.batcher = Batcher(self.runner, self.tokenizer, max_batch=int(params.get("max_batch", "16")))
+        self.metrics = BatchMetrics(self.batcher, {"model": self.model_name, "version": args["model_version"]})
 
     def execute(self, requests):
         for request in requests:
@@ -191,6 +197,7 @@ class TritonPythonModel:
         return Job(prompt_ids, generation, emit, finish)
 
     def finalize(self):
+        self.metrics.close()
         self.batcher.close()
         self.outbox.close()
         self.runner.close()
@@ -217,3 +224,35 @@ class Outbox:
     def close(self, timeout: float = 10) -> None:
         self._queue.put(None)
         self._thread.join(timeout)
+
+
+class BatchMetrics:
+    """Counters of the batcher's decode steps and of the rows they carried, updated from a thread once a second."""
+
+    def __init__(self, batcher, labels: dict[str, str], every: float = 1.0):
+        kind = pb_utils.MetricFamily.COUNTER
+        self._families = [  # kept: a metric lives as long as its family
+            pb_utils.MetricFamily(name="gptdeploy_decode_steps", description="Decode steps the batcher ran",
+                                  kind=kind),
+            pb_utils.MetricFamily(name="gptdeploy_decode_rows", kind=kind,
+                                  description="Rows the decode steps carried (rows / steps is the mean batch)")]
+        self._steps, self._rows = (family.Metric(labels=labels) for family in self._families)
+        self._batcher, self._every, self._sent = batcher, every, (0, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gptdeploy-metrics", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self.update()
+
+    def update(self) -> None:
+        now = (self._batcher.steps, self._batcher.rows_stepped)
+        if now != self._sent:
+            self._steps.increment(now[0] - self._sent[0])
+            self._rows.increment(now[1] - self._sent[1])
+            self._sent = now
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
