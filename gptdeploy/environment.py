@@ -113,12 +113,13 @@ REQUIREMENTS: dict[str, Requirement] = {
     "gpu": Requirement(lambda: cuda_device_count() > 0,
                        "no CUDA GPU is visible (no NVIDIA driver, or no device)"),
     "torch-cuda": Requirement(
-        lambda: has_module("torch") and _torch_sees_cuda(),
+        lambda: has_module("torch") and torch_sees_cuda(),
         "this PyTorch cannot use a CUDA GPU (a CPU-only build, or no GPU); the CUDA build: pip install torch"),
 }
 
 
-def _torch_sees_cuda() -> bool:
+def torch_sees_cuda() -> bool:
+    """Whether PyTorch can use a CUDA GPU: the one place gptdeploy asks torch (imported here, lazily)."""
     import torch
 
     return torch.cuda.is_available()

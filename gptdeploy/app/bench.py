@@ -406,9 +406,9 @@ def _runtime_device(name: str, settings: BenchSettings) -> str | None:
     if spec.runs == CHECKPOINT:
         if settings.device:
             return settings.device
-        import torch
+        from gptdeploy.environment import torch_sees_cuda
 
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
+        return "cuda:0" if torch_sees_cuda() else "cpu"
     if not spec.gpu:
         return "cpu"
     return settings.device if settings.device and settings.device.startswith("cuda") else "cuda:0"

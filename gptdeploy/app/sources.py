@@ -137,10 +137,11 @@ def checkpoint_of(folder: ExportFolder, progress: Progress = QUIET, advice: str 
 def _open_checkpoint(spec: RuntimeSpec, source, resolved: Resolved, options: OpenOptions, weights, weights_seed):
     import torch
 
+    from gptdeploy.environment import torch_sees_cuda
     from gptdeploy.loading import load
 
     device = options.device or "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch_sees_cuda():
         raise GptDeployError(f"device {device!r}: this PyTorch ({torch.__version__}) sees no CUDA GPU")
     loaded = load(source, weights=weights, seed=weights_seed, dtype=resolved.precision, device=device)
     return spec.open(loaded.model, options), loaded.tokenizer
