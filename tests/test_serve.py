@@ -101,6 +101,26 @@ def test_repository_holds_everything_it_needs(repo, folder):
     assert "tritonserver --model-repository" in readme and "InferenceService" in readme
 
 
+@pytest.mark.parametrize("variant", [None, "int8"])
+def test_repository_holds_the_variant_it_serves_and_no_other(shakespeare_optimized_path, tmp_path, variant):
+    """The export's copy in the repository: the graphs and side files, the one variant served (none by default),
+    no other variant; its own manifest lists just those, and they verify against it."""
+    from gptdeploy.export_folder import read_export, verify
+
+    source = read_export(shakespeare_optimized_path)
+    repo = write_repository(source, tmp_path / "repo", RepoSettings(NAME, variant=variant))
+    copy = read_export(repo / NAME / "1" / "export")
+    verify(copy)
+    held = {str(p.relative_to(copy.path)) for p in copy.path.rglob("*") if p.is_file()}
+    assert held == set(copy.manifest["files"]) | {"gptdeploy.json"}
+    assert list(copy.variants) == ([variant] if variant else [])
+    others = {entry["file"] for name, entry in source.variants.items() if name != variant}
+    assert others and not others & held
+    assert {spec["file"] for spec in source.manifest["graphs"].values()} <= held
+    if variant:
+        assert source.variants[variant]["file"] in held
+
+
 def test_step_config_matches_the_onnx_graph(repo):
     """The onnxruntime-backend model cannot load in the pip server: its config is checked against the graph."""
     onnx = pytest.importorskip("onnx")

@@ -59,7 +59,7 @@ def _scalar(request, name: str, kind, default):
 class TritonPythonModel:
     def initialize(self, args):
         from gptdeploy.app.batching import Batcher
-        from gptdeploy.export_folder import read_export
+        from gptdeploy.export_folder import read_export, verify
         from gptdeploy.runtimes.base import OpenOptions
         from gptdeploy.runtimes.registry import require
 
@@ -67,6 +67,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.model_name = args["model_name"]
         folder = read_export(HERE / "export")
+        verify(folder)  # every file against its size and sha256 in the manifest, before it runs
         device = None
         if params.get("runtime", "ort") != "ort":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"

@@ -19,6 +19,7 @@ installed in the container's Python (README.md).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import (
     INPUTS,
+    MANIFEST,
     WITH_PAST,
     ExportFolder,
     data_files,
@@ -101,8 +103,10 @@ def _write(folder: ExportFolder, repo: Path, s: RepoSettings) -> None:
 
     model = repo / s.name / "1"
     (model / "export").mkdir(parents=True)
-    for rel in ["gptdeploy.json", *_export_files(folder, s.variant)]:
+    manifest = repository_manifest(folder, s.variant)
+    for rel in manifest["files"]:
         _link_or_copy(folder.path / rel, model / "export" / rel)
+    (model / "export" / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     package = model / "gptdeploy"
     for source, target, names in (
         (Path(gptdeploy.__file__).parent, package, None),
@@ -126,9 +130,23 @@ def _write(folder: ExportFolder, repo: Path, s: RepoSettings) -> None:
     (repo / "README.md").write_text(repository_readme(folder, s))
 
 
-def _export_files(folder: ExportFolder, variant: str | None) -> list[str]:
-    """The export's files but its TensorRT engines (gptdeploy's reader checks that every graph is there)."""
-    return sorted(f for f in folder.manifest["files"] if not f.startswith("trt/"))
+def repository_manifest(folder: ExportFolder, variant: str | None) -> dict:
+    """The manifest of the export's copy in the repository: what the python model runs and nothing more.
+    The graphs, their weights and the side files; the variant it serves (if one) with its weights; not the
+    other variants, nor the TensorRT engines (the model runs ONNX Runtime). Its files keep their hashes,
+    so the copy verifies like the export."""
+    m = folder.manifest
+    variants = {variant: m["variants"][variant]} if variant else {}
+    dropped = {f for name, entry in m.get("variants", {}).items() if name != variant
+               for f in (entry["file"], *data_files(entry))}
+    dropped |= {entry["file"] for entry in (m.get("engines") or {}).values()}
+    needed = {f for spec in [*m["graphs"].values(), *variants.values()] for f in (spec["file"], *data_files(spec))}
+    files = {f: h for f, h in m["files"].items() if f not in dropped or f in needed}
+    subset = {k: v for k, v in m.items() if k != "engines"}
+    subset.update(files=files, sizes={f: n for f, n in m.get("sizes", {}).items() if f in files}, variants=variants)
+    if not variants:
+        subset.pop("variants")
+    return subset
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
