@@ -174,12 +174,10 @@ def test_grpc_stream_equals_cli_greedy(server, cli_greedy):
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
         for n, prompt in enumerate(PROMPTS):
-            inputs = [grpcclient.InferInput("text_input", [1], "BYTES"), grpcclient.InferInput("max_tokens", [1], "INT32"),
-                      grpcclient.InferInput("temperature", [1], "FP32"), grpcclient.InferInput("stream", [1], "BOOL")]
-            for i, value in zip(inputs, (np.array([prompt.encode()], dtype=np.object_), np.array([NEW], np.int32),
-                                         np.array([0], np.float32), np.array([True]))):
-                i.set_data_from_numpy(value)
-            client.async_stream_infer(NAME, inputs, request_id=str(n), enable_empty_final_response=True)
+            text = grpcclient.InferInput("text_input", [1], "BYTES")
+            text.set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
+            client.async_stream_infer(NAME, [text], request_id=str(n), enable_empty_final_response=True,
+                                      parameters={"max_tokens": NEW, "temperature": 0.0, "stream": True})
         got: dict[str, list[int]] = {str(n): [] for n in range(len(PROMPTS))}
         finished = 0
         while finished < len(PROMPTS):
@@ -264,14 +262,22 @@ def test_32_concurrent_requests_are_batched_and_correct(server, local):
 
 
 # Triton's generate endpoint answers the JSON it cannot parse itself, before the model sees it, and gives
-# those errors HTTP 500 (Triton 2.51, nvidia-pytriton 0.7.0): the two PARSED_BY_TRITON cases. Every
-# request that reaches the model and is refused gets 400 with the model's message.
+# those errors HTTP 500 (Triton 2.51, nvidia-pytriton 0.7.0): the PARSED_BY_TRITON cases, a body that is
+# not JSON and a prompt input of the wrong type. The settings are request parameters, whose types the model
+# checks: a wrong one gets 400 with the model's message, as does every request the model refuses.
 PARSED_BY_TRITON = 500
 
 
 @pytest.mark.parametrize("body, status, says", [
     (b'{"text_input": "ROMEO:", "max_tokens": ', PARSED_BY_TRITON, "JSON"),  # not JSON
-    ({"text_input": "ROMEO:", "max_tokens": "ten"}, PARSED_BY_TRITON, "integer"),  # a string for an integer
+    ({"text_input": 5, "max_tokens": 4}, PARSED_BY_TRITON, "string"),  # a number for the prompt input
+    ({"text_input": "ROMEO:", "max_tokens": "ten"}, 400, 'max_tokens must be an integer, got "ten"'),
+    ({"text_input": "ROMEO:", "max_tokens": 4.5}, 400, "max_tokens must be an integer"),
+    ({"text_input": "ROMEO:", "temperature": "hot"}, 400, "temperature must be a number"),
+    ({"text_input": "ROMEO:", "stream": "yes"}, 400, "stream must be true or false"),
+    ({"text_input": "ROMEO:", "seed": True}, 400, "seed must be an integer"),
+    ({"text_input": "ROMEO:", "max_token": 4}, 400, "unknown parameter max_token"),  # a misspelt setting
+    ({"text_input": "ROMEO:", "top_k": {"k": 4}}, 400, "invalid type"),  # Triton's own 400: not a scalar
     ({"text_input": ["ROMEO:", "JULIET:"]}, 400, "text_input"),  # two prompts where one goes
     ({"text_input": "ROMEO: " * 400, "max_tokens": 8}, 400, "context"),  # the prompt too long
     ({"text_input": "ROMEO:", "max_tokens": 10**9}, 400, "max_tokens"),
@@ -280,7 +286,8 @@ PARSED_BY_TRITON = 500
     ({"input_ids": [1, 2, 99999999], "max_tokens": 4}, 400, "token id"),
     ({"max_tokens": 4}, 400, "text_input or input_ids"),
     ({"text_input": "x" * 70_000, "max_tokens": 4}, 400, "bytes"),
-], ids=["bad-json", "wrong-type", "wrong-shape", "prompt-too-long", "max-tokens-absurd", "max-tokens-0",
+], ids=["bad-json", "prompt-wrong-type", "string-for-int", "float-for-int", "string-for-number", "string-for-bool",
+        "bool-for-int", "unknown-setting", "object-for-int", "wrong-shape", "prompt-too-long", "max-tokens-absurd", "max-tokens-0",
         "temperature", "token-id", "no-prompt", "too-many-bytes"])
 def test_malformed_requests_get_an_error_and_the_server_keeps_serving(server, body, status, says):
     got, data = post(server, f"/v2/models/{NAME}/generate", body)

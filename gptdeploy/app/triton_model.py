@@ -5,9 +5,11 @@ batching over gptdeploy's runner) and returns at once; the batcher thread sends 
 imports gptdeploy from the copy beside it, and runs the export folder beside it, so the repository
 needs nothing outside itself.
 
-Inputs (all optional but one of text_input, input_ids): text_input (BYTES), input_ids (INT64 [-1]),
-max_tokens (INT32), temperature (FP32; 0 is greedy), top_k (INT32), top_p (FP32), seed (UINT64),
-stream (BOOL: one response per token; otherwise one response with every token).
+Inputs (one of them): text_input (BYTES), input_ids (INT64 [-1]). The generation settings are request
+parameters (Triton's parameters extension; the generate extension makes every JSON key that is not an
+input one): max_tokens (int), temperature (number; 0 is greedy), top_k (int), top_p (number), seed (int),
+stream (bool: one response per token; otherwise one response with every token). As parameters, a value
+of the wrong type reaches the model, which refuses it with 400, where an input's would get Triton's 500.
 Outputs: text_output (BYTES: the new text of this response), token_ids (INT64 [-1]: its token ids),
 finish_reason (BYTES: "" while streaming, then eot, length or cancelled).
 A bad request gets an error response (HTTP 400): the prompt too long, max_tokens out of range, a
@@ -45,19 +47,29 @@ class BadRequest(Exception):
     pass
 
 
-def _scalar(request, name: str, kind, default):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return default
-    values = tensor.as_numpy().reshape(-1)
-    if values.size != 1:
-        raise BadRequest(f"{name} takes one value, got {values.size}")
-    value = values[0]
-    if kind is bool:
-        return bool(value)
-    if kind is int and not np.issubdtype(values.dtype, np.integer):
-        raise BadRequest(f"{name} must be an integer")
-    return kind(value)
+# The request parameters the model reads, and what each must be
+SETTINGS = {"max_tokens": "an integer", "temperature": "a number", "top_k": "an integer", "top_p": "a number",
+            "seed": "an integer", "stream": "true or false"}
+
+
+def _settings(request) -> dict:
+    """The request's generation settings (its parameters), each checked for its type."""
+    raw = request.parameters()
+    try:
+        params = json.loads(raw) if raw else {}
+    except ValueError:
+        raise BadRequest("the request's parameters are not JSON") from None
+    unknown = sorted(set(params) - set(SETTINGS))
+    if unknown:
+        raise BadRequest(f"unknown parameter {', '.join(unknown)}; the model takes text_input or input_ids, and "
+                         f"{', '.join(SETTINGS)}")
+    for name, value in params.items():
+        kind = SETTINGS[name]
+        ok = (isinstance(value, bool) if kind == "true or false" else
+              not isinstance(value, bool) and isinstance(value, int | float if kind == "a number" else int))
+        if not ok:
+            raise BadRequest(f"{name} must be {kind}, got {json.dumps(value)}")
+    return params
 
 
 class TritonPythonModel:
@@ -130,18 +142,17 @@ class TritonPythonModel:
             if array.size > self.block_size:
                 raise BadRequest(f"input_ids has {array.size} tokens; the model's context is {self.block_size}")
             prompt = [int(i) for i in array]
-        max_tokens = _scalar(request, "max_tokens", int, self.default_max_tokens)
+        settings = _settings(request)
+        max_tokens = settings.get("max_tokens", self.default_max_tokens)
         if not 1 <= max_tokens <= self.block_size:
             raise BadRequest(f"max_tokens must be from 1 to {self.block_size} (the model's context), got {max_tokens}")
-        temperature = _scalar(request, "temperature", float, 1.0)
-        top_k = _scalar(request, "top_k", int, 0)
-        top_p = _scalar(request, "top_p", float, 1.0)
-        seed = _scalar(request, "seed", int, None)
-        generation = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k or None,
-                                      top_p=None if top_p == 1.0 else top_p, seed=seed)
+        top_p = float(settings.get("top_p", 1.0))
+        generation = GenerationConfig(max_new_tokens=max_tokens, temperature=float(settings.get("temperature", 1.0)),
+                                      top_k=settings.get("top_k") or None, top_p=None if top_p == 1.0 else top_p,
+                                      seed=settings.get("seed"))
         generation.check()
         rows = prepare_prompts(self.tokenizer, [prompt], self.runner.info.vocab_size, self.block_size, max_tokens)
-        return rows[0], generation, _scalar(request, "stream", bool, False)
+        return rows[0], generation, settings.get("stream", False)
 
     def _job(self, prompt_ids, generation, streaming: bool, sender):
         """The Job of one request. The batcher thread only queues what to send: the outbox thread builds and

@@ -166,10 +166,8 @@ def python_config(folder: ExportFolder, s: RepoSettings) -> str:
     params = {"runtime": "ort" if s.runtime == "ort" else "ort-cuda", "max_batch": str(s.max_batch),
               "threads": str(s.threads), "variant": s.variant or "", "max_prompt_bytes": "65536",
               "default_max_tokens": "64"}
-    inputs = [("text_input", "TYPE_STRING", "[ 1 ]"), ("input_ids", "TYPE_INT64", "[ -1 ]"),
-              ("max_tokens", "TYPE_INT32", "[ 1 ]"), ("temperature", "TYPE_FP32", "[ 1 ]"),
-              ("top_k", "TYPE_INT32", "[ 1 ]"), ("top_p", "TYPE_FP32", "[ 1 ]"),
-              ("seed", "TYPE_UINT64", "[ 1 ]"), ("stream", "TYPE_BOOL", "[ 1 ]")]
+    # the prompt; the generation settings (max_tokens, temperature, ...) are request parameters (triton_model.py)
+    inputs = [("text_input", "TYPE_STRING", "[ 1 ]"), ("input_ids", "TYPE_INT64", "[ -1 ]")]
     outputs = [("text_output", "TYPE_STRING", "[ 1 ]"), ("token_ids", "TYPE_INT64", "[ -1 ]"),
                ("finish_reason", "TYPE_STRING", "[ 1 ]")]
     lines = [f'name: "{s.name}"', 'backend: "python"', "max_batch_size: 0",
@@ -210,7 +208,8 @@ def repository_readme(folder: ExportFolder, s: RepoSettings) -> str:
 Written by `gptdeploy triton` from {source} ({folder.precision}). Two models:
 
 - `{s.name}`: Triton's python backend, decoupled. Text (`text_input`) or token ids (`input_ids`) in,
-  with `max_tokens`, `temperature` (0: greedy), `top_k`, `top_p`, `seed`, `stream`; out `text_output`,
+  with the request parameters `max_tokens`, `temperature` (0: greedy), `top_k`, `top_p`, `seed`,
+  `stream` (over HTTP, keys of the generate request's JSON); out `text_output`,
   `token_ids`, `finish_reason`. It runs gptdeploy's generation over ONNX Runtime, and decodes the
   requests that arrive together as one batch (continuous batching). `1/gptdeploy/` is the part of
   gptdeploy it runs, `1/export/` the export folder.
