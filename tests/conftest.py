@@ -257,3 +257,20 @@ def seeded_cache(tiny, tiny_export_path, tmp_path, monkeypatch):
     shutil.copytree(tiny_export_path, cache.path(tiny, "fp32"))
     monkeypatch.setenv("GPTDEPLOY_CACHE", str(cache.root))
     return cache
+
+
+@pytest.fixture(scope="session")
+def shakespeare_folder(shakespeare_export_path):
+    """The shakespeare export as an ExportFolder; read-only (repositories hard-link its files)."""
+    from gptdeploy.export_folder import read_export
+
+    return read_export(shakespeare_export_path)
+
+
+@pytest.fixture(scope="session")
+def triton_repository(shakespeare_folder, tmp_path_factory):
+    """`gptdeploy triton`'s repository of the shakespeare export (model "shakespeare", max batch 8); read-only."""
+    from gptdeploy.app.triton_repo import RepoSettings, write_repository
+
+    return write_repository(shakespeare_folder, tmp_path_factory.mktemp("triton") / "repo",
+                            RepoSettings("shakespeare", max_batch=8))
