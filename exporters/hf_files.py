@@ -7,6 +7,8 @@ config.json, with the keys of transformers' GPT2Config; onnxruntime-genai reads 
 
 from __future__ import annotations
 
+import hashlib
+
 from gptdeploy.loading import HF_ACTIVATIONS
 from gptdeploy.config import GPTConfig
 from gptdeploy.tokenizer import ENDOFTEXT, Tokenizer
@@ -72,6 +74,25 @@ def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     return parts[0], parts[1]
 
 
+_MERGES: dict[bytes, list[tuple[bytes, bytes]]] = {}  # by the ranks' digest: finding them takes about a second
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merges of a BPE rank table in rank order: for each token of two bytes or more, its last merge.
+
+    Remembered per table for the life of the process (a digest of the table is the key), so a process that
+    writes several exports finds them once.
+    """
+    digest = hashlib.sha256()
+    for token, rank in ranks.items():
+        digest.update(len(token).to_bytes(4, "little") + token + rank.to_bytes(4, "little"))
+    key = digest.digest()
+    if key not in _MERGES:
+        _MERGES[key] = [_last_merge(token, ranks) for token, _ in sorted(ranks.items(), key=lambda item: item[1])
+                        if len(token) > 1]
+    return _MERGES[key]
+
+
 def hf_tokenizer_files(ranks: dict[bytes, int], eot_id: int, block_size: int) -> tuple[dict, dict]:
     """tokenizer.json and tokenizer_config.json of GPT-2's byte-level BPE, built from tiktoken's ranks.
 
@@ -84,8 +105,7 @@ def hf_tokenizer_files(ranks: dict[bytes, int], eot_id: int, block_size: int) ->
 
     vocab = {text(token): rank for token, rank in ranks.items()}
     vocab[ENDOFTEXT] = eot_id
-    merges = [" ".join(map(text, _last_merge(token, ranks)))
-              for token, _ in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
+    merges = [f"{text(a)} {text(b)}" for a, b in bpe_merges(ranks)]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     tokenizer = {
         "version": "1.0",
