@@ -15,6 +15,7 @@ here, so the child imports them under the environment the test asked for.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import runpy
@@ -23,8 +24,10 @@ import tempfile
 import traceback
 
 PRELOAD = ("numpy", "torch", "onnx", "onnx_ir", "onnxscript", "onnxruntime", "safetensors", "tiktoken", "typer",
+           "pydantic",  # typer checks option values with it (imported on every command's first parse)
            "rich.console", "rich.progress", "rich.table", "gptdeploy.app.cli", "gptdeploy.loading",
-           "gptdeploy.app.sources", "gptdeploy.exporters.onnx_export")
+           "gptdeploy.app.sources", "gptdeploy.app.generation", "gptdeploy.runtimes.ort",
+           "gptdeploy.exporters.onnx_export")
 
 
 def _child(request: dict, out: str, err: str) -> None:
@@ -61,7 +64,8 @@ def _child(request: dict, out: str, err: str) -> None:
 
 def main() -> None:
     for name in PRELOAD:
-        __import__(name)
+        if importlib.util.find_spec(name.split(".")[0]) is not None:
+            __import__(name)
     reply = sys.stdout
     for line in sys.stdin:
         request = json.loads(line)
@@ -72,11 +76,12 @@ def main() -> None:
             pid = os.fork()
             if pid == 0:
                 _child(request, out, err)
-            _, status = os.waitpid(pid, 0)
+            _, status, usage = os.wait4(pid, 0)
             code = os.waitstatus_to_exitcode(status)
             with open(out, encoding="utf-8", errors="replace") as f_out, \
                     open(err, encoding="utf-8", errors="replace") as f_err:
-                answer = {"returncode": code, "stdout": f_out.read(), "stderr": f_err.read()}
+                answer = {"returncode": code, "stdout": f_out.read(), "stderr": f_err.read(),
+                          "cpu_seconds": usage.ru_utime + usage.ru_stime}
         reply.write(json.dumps(answer) + "\n")
         reply.flush()
 

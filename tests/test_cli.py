@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 _server: subprocess.Popen | None = None
+COMMANDS_CPU_SECONDS = [0.0]  # what the forked commands have used so far (user + system)
 
 
 def _fork_server() -> subprocess.Popen:
@@ -41,6 +42,7 @@ def gptdeploy(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     server.stdin.write(json.dumps(request) + "\n")
     server.stdin.flush()
     answer = json.loads(server.stdout.readline())
+    COMMANDS_CPU_SECONDS[0] += answer["cpu_seconds"]
     return subprocess.CompletedProcess(["gptdeploy", *args], answer["returncode"], answer["stdout"], answer["stderr"])
 
 

@@ -1,0 +1,46 @@
+"""Where the suite's CPU time goes: `python -m pytest -q -p tests.cpu_report` ends with the costliest tests
+and files, in CPU-seconds (user + system).
+
+A test's figure is this process's CPU time during it (its fixtures' set-up included, so a session fixture
+counts for the first test that asks for it), plus that of the child processes it waited for, plus that of
+the commands tests/cli_forkserver.py forked for it (not this process's children: their time reaches this
+process only when the server ends). The default suite's goal is at most 300 CPU-seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import collections
+import resource
+
+import pytest
+
+_rows: list[tuple[str, float]] = []
+
+
+def _cpu_seconds() -> float:
+    from tests.test_cli import COMMANDS_CPU_SECONDS
+
+    used = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return used + COMMANDS_CPU_SECONDS[0]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = _cpu_seconds()
+    yield
+    _rows.append((item.nodeid, _cpu_seconds() - start))
+
+
+def pytest_terminal_summary(terminalreporter):
+    write = terminalreporter.write_line
+    files = collections.Counter()
+    for nodeid, seconds in _rows:
+        files[nodeid.split("::")[0]] += seconds
+    terminalreporter.section("CPU-seconds (user + system)")
+    write(f"{sum(files.values()):8.1f}  all {len(_rows)} tests")
+    for path, seconds in files.most_common(10):
+        write(f"{seconds:8.1f}  {path}")
+    write("")
+    for nodeid, seconds in sorted(_rows, key=lambda row: -row[1])[:15]:
+        write(f"{seconds:8.1f}  {nodeid}")
