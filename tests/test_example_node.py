@@ -1,8 +1,10 @@
 """examples/node: transformers.js and onnxruntime-node on an export folder give gptdeploy's greedy ids.
 
-One `npm ci` (in examples/node, whose node_modules is git-ignored) and the lively export with every
-variant (conftest's lively_optimized_path); then, per graph of the folder, the example's two scripts
-against `gptdeploy generate`.
+One `npm ci` (in examples/node, whose node_modules is git-ignored; skipped when node_modules already holds
+what package-lock.json pins) and the lively export with every variant (conftest's lively_optimized_path);
+then, per graph of the folder, the example's two scripts against `gptdeploy generate`. The default suite
+runs the graphs whose loading differs most (model.onnx, its no-cache graph, the 8-bit and 4-bit
+MatMulNBits variants; transformers.js on model.onnx and q4); every other graph is `heavy`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,24 @@ CASES = [
 ]
 
 
+def cases(rows, default):
+    """The rows as pytest params, those not named in `default` marked heavy."""
+    return [pytest.param(*row, id=row[0], marks=() if row[0] in default else pytest.mark.heavy) for row in rows]
+
+
+def _installed(example: Path) -> bool:
+    """node_modules holds what package-lock.json pins: npm's record of what it installed there
+    (node_modules/.package-lock.json) has every package the lock file has, at the same entry, optional
+    ones (other platforms' binaries) aside."""
+    try:
+        want = json.loads((example / "package-lock.json").read_text())["packages"]
+        have = json.loads((example / "node_modules" / ".package-lock.json").read_text())["packages"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all(want.get(name) == entry for name, entry in have.items()) and all(
+        name in have for name, entry in want.items() if name and not entry.get("optional"))
+
+
 @pytest.fixture(scope="module")
 def node_example():
     """examples/node with its packages installed (npm ci), held by this session alone while the module runs."""
@@ -48,6 +68,9 @@ def node_example():
     key = hashlib.sha256(str(EXAMPLE).encode()).hexdigest()[:16]
     with open(Path(tempfile.gettempdir()) / f"gptdeploy-node-example-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if _installed(EXAMPLE):
+            yield node
+            return
         env = {**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}  # no download of onnxruntime's GPU binaries
         result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=EXAMPLE, env=env,
                                 capture_output=True, text=True, timeout=900)
@@ -86,7 +109,7 @@ def _case(folder, graph, variant):
     assert variant is None and graph == "onnx/model.onnx" or VARIANTS[variant].file == graph
 
 
-@pytest.mark.parametrize("name, dtype, model_file, graph, variant", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name, dtype, model_file, graph, variant", cases(CASES, {"fp32", "q4"}))
 def test_pipeline_matches_gptdeploy(node_example, folder, reference, name, dtype, model_file, graph, variant):
     _case(folder, graph, variant)
     out = _node(node_example, "pipeline.mjs", folder, PROMPTS[0], "--dtype", dtype, "--model-file", model_file,
@@ -97,8 +120,8 @@ def test_pipeline_matches_gptdeploy(node_example, folder, reference, name, dtype
 
 
 @pytest.mark.parametrize("name, dtype, model_file, graph, variant",
-                         CASES + [("decoder_model", None, None, "onnx/decoder_model.onnx", None)],
-                         ids=[c[0] for c in CASES] + ["decoder_model"])
+                         cases(CASES + [("decoder_model", None, None, "onnx/decoder_model.onnx", None)],
+                               {"fp32", "decoder_model", "int8", "q4"}))
 def test_onnxruntime_matches_gptdeploy(node_example, folder, reference, name, dtype, model_file, graph, variant):
     """Two prompts as a left-padded batch (and, for model.onnx and decoder_model.onnx, one prompt alone);
     decoder_model.onnx (no KV cache) against model.onnx's ids."""
@@ -112,7 +135,7 @@ def test_onnxruntime_matches_gptdeploy(node_example, folder, reference, name, dt
         assert got == reference(variant, prompts), prompts
 
 
-@pytest.mark.parametrize("name, dtype, model_file, graph, variant", CASES[:2], ids=[c[0] for c in CASES[:2]])
+@pytest.mark.parametrize("name, dtype, model_file, graph, variant", cases(CASES[:2], {"fp32"}))
 def test_shared_weights(node_example, lively_shared, greedy_ids, name, dtype, model_file, graph, variant):
     """The fp32 graphs of a folder whose weights are in one shared file (onnx/model.onnx_data, which config.json
     names for transformers.js): both scripts load them as they are."""
