@@ -3,7 +3,8 @@
 Oracles: the reference model's greedy tokens (CTranslate2 float32 and llama.cpp f32 must choose the same
 ones), the model's own tensors (read back from the GGUF file), and llama.cpp's own converter where its
 sources are at hand (GPTDEPLOY_TEST_LLAMA_CPP_SOURCES: a llama.cpp checkout, the one llama-cpp-python
-vendors). llama-cpp-python compiles for half an hour, so CI does not install it: its tests skip there.
+vendors). llama-cpp-python compiles for half an hour, so CI does not install it: its tests are `heavy`
+(run them with -m heavy where it is installed) and skip without it.
 """
 
 import importlib.util
@@ -127,6 +128,7 @@ def test_gguf_equals_llama_cpps_own_converter(shakespeare, tmp_path):
     assert fields[0] == fields[1]
 
 
+@pytest.mark.heavy
 @needs_llama
 @pytest.mark.parametrize("weight_type", ["f32", "q8_0"])
 def test_llama_cpp_chooses_the_reference_tokens(shakespeare, peer_cache, reference_ids, weight_type):
@@ -148,13 +150,13 @@ def test_llama_cpp_chooses_the_reference_tokens(shakespeare, peer_cache, referen
 PEER_SMALL = dict(batches=(1,), prompt_len=8, new_tokens=5, warmup=0, repeat=1, bandwidth_mib=64, isolate=False)
 
 
-@needs_ct2
-def test_bench_measures_the_other_engines_beside_gptdeploy(peer_cache, monkeypatch):
+def bench_rows(peer_cache, monkeypatch, names) -> dict:
+    """A small in-process bench of `names` on shakespeare: its rows by runtime, each checked to have run,
+    with decode end to end = (total - first token) / (new tokens - 1)."""
     from gptdeploy.app.bench import run_bench
-    from gptdeploy.app.bench_settings import OK, UNAVAILABLE, BenchSettings
+    from gptdeploy.app.bench_settings import OK, BenchSettings
 
     monkeypatch.setenv("GPTDEPLOY_CACHE", str(peer_cache.root))
-    names = ("torch", "ct2", "ct2:int8") + (("llama.cpp:q4_0",) if HAS_LLAMA else ())
     report = run_bench(BenchSettings("shakespeare", names, **PEER_SMALL))
     rows = {r["runtime"]: r for r in report["runtimes"]}
     assert all(rows[n]["status"] == OK for n in names), [rows[n].get("reason") for n in names]
@@ -163,17 +165,30 @@ def test_bench_measures_the_other_engines_beside_gptdeploy(peer_cache, monkeypat
         g = b["generation"]
         assert g["decode_ms_per_token"] == pytest.approx((g["runs_s"][0] - g["ttft_ms"] / 1e3) / 4 * 1e3)
         assert b["speedup"]["decode_end_to_end"] > 0 and len(rows[name]["batches"]) == 1
+    return rows
+
+
+@needs_ct2
+def test_bench_measures_the_other_engines_beside_gptdeploy(peer_cache, monkeypatch):
+    from gptdeploy.app.bench import run_bench
+    from gptdeploy.app.bench_settings import UNAVAILABLE, BenchSettings
+
+    rows = bench_rows(peer_cache, monkeypatch, ("torch", "ct2", "ct2:int8"))
     ct2 = rows["ct2:int8"]
     assert ct2["conversion"]["quantization"] == "int8" and ct2["engine"]["compute_type"] == "int8_float32"
     assert ct2["setup"]["convert_s"] >= 0 and "KV cache float32" in ct2["runner"]
     assert ct2["batches"][0]["bandwidth_floor"]["weight_bytes"] < rows["ct2"]["batches"][0]["bandwidth_floor"]["weight_bytes"] / 3
-    if HAS_LLAMA:
-        q4 = rows["llama.cpp:q4_0"]
-        assert q4["conversion"]["tensor_types"]["q4_0"]["tensors"] == 24 and "KV cache f16" in q4["runner"]
     # another engine runs one sequence: at batch 2 it is a row saying so
     report = run_bench(BenchSettings("shakespeare", ("torch", "ct2"), **{**PEER_SMALL, "batches": (1, 2)}))
     row = {r["runtime"]: r for r in report["runtimes"]}["ct2"]
     assert row["status"] == UNAVAILABLE and "batch 1 only" in row["reason"]
+
+
+@pytest.mark.heavy
+@needs_llama
+def test_bench_measures_llama_cpp_beside_gptdeploy(peer_cache, monkeypatch):
+    q4 = bench_rows(peer_cache, monkeypatch, ("torch", "llama.cpp:q4_0"))["llama.cpp:q4_0"]
+    assert q4["conversion"]["tensor_types"]["q4_0"]["tensors"] == 24 and "KV cache f16" in q4["runner"]
 
 
 @pytest.mark.parametrize("args, fragment", [
