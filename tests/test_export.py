@@ -442,10 +442,17 @@ def test_default_out_dir(tmp_path):
 # --- the command line ------------------------------------------------------------------------------
 
 def test_cli_export_replaces_with_force_optimizes_and_reports(tiny_export, tmp_path):
+    """--force replaces the export; --optimize adds the variant; --external-data puts a small model's
+    weights in the shared file all the same, and info names it."""
     out = tmp_path / "tiny-onnx"
     shutil.copytree(tiny_export.path, out)
-    result = run_cli("export", "tiny", "--random", "--out", str(out), "--force", "--optimize", "--variants", "int8")
+    result = run_cli("export", "tiny", "--random", "--out", str(out), "--force", "--optimize", "--variants", "int8",
+                     "--external-data")
     assert result.returncode == 0, result.stderr
+    assert (out / "onnx/model.onnx_data").is_file() and "onnx/model.onnx_data" in result.stdout
+    assert os.path.getsize(out / "onnx" / "model.onnx") < 1_000_000
+    info = run_cli("info", str(out))
+    assert "weights in onnx/model.onnx_data" in " ".join(info.stdout.split())
     assert read_export(out).manifest["created"] >= tiny_export.manifest["created"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-onnx"], "the replaced export or a temporary left"
     assert list(read_export(out).variants) == ["int8"] and "int8: wrote onnx/model_int8.onnx" in result.stdout

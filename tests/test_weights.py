@@ -1,13 +1,13 @@
 """One copy of the weights: the graphs of an export share one external-data file (gptdeploy.exporters.weights).
 
 Forced on a small model (external_data=True; by default from 100 MB of weights): conftest's lively_shared.
-Outside clients on such a folder: tests/test_examples.py and tests/test_example_node.py.
+Outside clients on such a folder: tests/test_examples.py and tests/test_example_node.py. The command line's
+--external-data: tests/test_export.py (test_cli_export_replaces_with_force_optimizes_and_reports).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -117,17 +117,6 @@ def test_manifests_of_earlier_versions_name_one_file_or_none():
     assert data_files({"external_data": "onnx/model.onnx_data"}) == ["onnx/model.onnx_data"]
     assert data_files({"external_data": ["onnx/model.onnx_data", "onnx/model_fused.onnx_data"]}) == [
         "onnx/model.onnx_data", "onnx/model_fused.onnx_data"]
-
-
-def test_cli_export_inline_and_external(tmp_path):
-    """--external-data forces the shared file on a small model; info names it."""
-    out = tmp_path / "tiny-onnx"
-    result = gptdeploy("export", "tiny", "--random", "--out", out, "--external-data")
-    assert result.returncode == 0, result.stderr
-    assert (out / SHARED).is_file() and "onnx/model.onnx_data" in result.stdout
-    info = gptdeploy("info", out)
-    assert "weights in onnx/model.onnx_data" in " ".join(info.stdout.split())
-    assert os.path.getsize(out / "onnx" / "model.onnx") < 1_000_000
 
 
 @pytest.mark.heavy
