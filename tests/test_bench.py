@@ -231,20 +231,8 @@ def test_settings_are_checked_before_anything_runs(tiny_export_path):
         model_under_test(BenchSettings(str(tiny_export_path), ("ort",), precision="fp16"))
 
 
-def test_cli_bench_in_child_processes(tiny_export_path, tmp_path):
-    import shutil
-
-    from gptdeploy.app.export_cache import ExportCache
-    from gptdeploy.loading import load
-
-    cache = ExportCache(tmp_path / "cache")  # holding the tiny export already, as after an earlier run
-    shutil.copytree(tiny_export_path, cache.path(load("tiny", weights="random"), "fp32"))
-    path = tmp_path / "out.json"
-    result = gptdeploy("bench", "tiny", "--random", "--runtime", "torch,ort,ort-cuda", "--batch", "1",
-                       "--prompt-len", "4", "--new-tokens", "3", "--repeat", "1", "--json", str(path),
-                       env={**os.environ, "GPTDEPLOY_CACHE": str(cache.root)})
-    assert result.returncode == 0, result.stderr
-    report = json.loads(path.read_text())
+def test_cli_bench_in_child_processes(tiny_bench_cli):
+    result, report, _ = tiny_bench_cli
     torch_, ort, ort_cuda = report["runtimes"]
     assert torch_["status"] == ort["status"] == OK and report["baseline"] == "torch"
     assert ort["setup"]["export_reused"] is True
