@@ -74,10 +74,10 @@ def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     return parts[0], parts[1]
 
 
-_MERGES: dict[bytes, list[tuple[bytes, bytes]]] = {}  # by the ranks' digest: finding them takes about a second
+_MERGES: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {}  # by the ranks' digest: finding them takes about a second
 
 
-def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+def bpe_merges(ranks: dict[bytes, int]) -> tuple[tuple[bytes, bytes], ...]:
     """The merges of a BPE rank table in rank order: for each token of two bytes or more, its last merge.
 
     Remembered per table for the life of the process (a digest of the table is the key), so a process that
@@ -88,8 +88,8 @@ def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
         digest.update(len(token).to_bytes(4, "little") + token + rank.to_bytes(4, "little"))
     key = digest.digest()
     if key not in _MERGES:
-        _MERGES[key] = [_last_merge(token, ranks) for token, _ in sorted(ranks.items(), key=lambda item: item[1])
-                        if len(token) > 1]
+        _MERGES[key] = tuple(_last_merge(token, ranks) for token, _ in sorted(ranks.items(), key=lambda item: item[1])
+                             if len(token) > 1)
     return _MERGES[key]
 
 

@@ -4,7 +4,7 @@ and files, in CPU-seconds (user + system).
 A test's figure is this process's CPU time during it (its fixtures' set-up included, so a session fixture
 counts for the first test that asks for it), plus that of the child processes it waited for, plus that of
 the commands tests/cli_forkserver.py forked for it (not this process's children: their time reaches this
-process only when the server ends). The default suite's goal is at most 300 CPU-seconds on 2 cores.
+process only when the server ends).
 """
 
 from __future__ import annotations

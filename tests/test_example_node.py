@@ -3,8 +3,10 @@
 One `npm ci` (in examples/node, whose node_modules is git-ignored; skipped when node_modules already holds
 what package-lock.json pins) and the lively export with every variant (conftest's lively_optimized_path);
 then, per graph of the folder, the example's two scripts against `gptdeploy generate`. The default suite
-runs the graphs whose loading differs most (model.onnx, its no-cache graph, the 8-bit and 4-bit
-MatMulNBits variants; transformers.js on model.onnx and q4); every other graph is `heavy`.
+runs each script on the graphs whose loading differs: onnxruntime-node on model.onnx, its no-cache graph,
+fp16 (a float16 KV cache) and q4 (MatMulNBits); transformers.js on model.onnx, the fused graph (named by
+model_file_name) and q4 (a dtype's file suffix); both on the shared-weights folder. The other graphs
+(int8 like q4, q8, and the rest) are `heavy`.
 """
 
 from __future__ import annotations
@@ -46,16 +48,20 @@ def cases(rows, default):
 
 
 def _installed(example: Path) -> bool:
-    """node_modules holds what package-lock.json pins: npm's record of what it installed there
-    (node_modules/.package-lock.json) has every package the lock file has, at the same entry, optional
-    ones (other platforms' binaries) aside."""
+    """node_modules holds what package-lock.json pins, and the lock file is package.json's: npm's record of
+    what it installed there (node_modules/.package-lock.json) has every package of the lock file at the
+    same entry (optional ones, other platforms' binaries, aside), and every package it lists is there."""
     try:
+        package = json.loads((example / "package.json").read_text())
         want = json.loads((example / "package-lock.json").read_text())["packages"]
         have = json.loads((example / "node_modules" / ".package-lock.json").read_text())["packages"]
     except (OSError, ValueError, KeyError):
         return False
-    return all(want.get(name) == entry for name, entry in have.items()) and all(
-        name in have for name, entry in want.items() if name and not entry.get("optional"))
+    root = want.get("", {})
+    return (all(package.get(k, {}) == root.get(k, {}) for k in ("dependencies", "devDependencies"))
+            and all(want.get(name) == entry and (example / name / "package.json").is_file()
+                    for name, entry in have.items())
+            and all(name in have for name, entry in want.items() if name and not entry.get("optional")))
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +115,7 @@ def _case(folder, graph, variant):
     assert variant is None and graph == "onnx/model.onnx" or VARIANTS[variant].file == graph
 
 
-@pytest.mark.parametrize("name, dtype, model_file, graph, variant", cases(CASES, {"fp32", "q4"}))
+@pytest.mark.parametrize("name, dtype, model_file, graph, variant", cases(CASES, {"fp32", "fp32-fused", "q4"}))
 def test_pipeline_matches_gptdeploy(node_example, folder, reference, name, dtype, model_file, graph, variant):
     _case(folder, graph, variant)
     out = _node(node_example, "pipeline.mjs", folder, PROMPTS[0], "--dtype", dtype, "--model-file", model_file,
@@ -121,7 +127,7 @@ def test_pipeline_matches_gptdeploy(node_example, folder, reference, name, dtype
 
 @pytest.mark.parametrize("name, dtype, model_file, graph, variant",
                          cases(CASES + [("decoder_model", None, None, "onnx/decoder_model.onnx", None)],
-                               {"fp32", "decoder_model", "int8", "q4"}))
+                               {"fp32", "decoder_model", "fp16", "q4"}))
 def test_onnxruntime_matches_gptdeploy(node_example, folder, reference, name, dtype, model_file, graph, variant):
     """Two prompts as a left-padded batch (and, for model.onnx and decoder_model.onnx, one prompt alone);
     decoder_model.onnx (no KV cache) against model.onnx's ids."""
@@ -135,7 +141,7 @@ def test_onnxruntime_matches_gptdeploy(node_example, folder, reference, name, dt
         assert got == reference(variant, prompts), prompts
 
 
-@pytest.mark.parametrize("name, dtype, model_file, graph, variant", cases(CASES[:2], {"fp32"}))
+@pytest.mark.parametrize("name, dtype, model_file, graph, variant", CASES[:2], ids=[c[0] for c in CASES[:2]])
 def test_shared_weights(node_example, lively_shared, greedy_ids, name, dtype, model_file, graph, variant):
     """The fp32 graphs of a folder whose weights are in one shared file (onnx/model.onnx_data, which config.json
     names for transformers.js): both scripts load them as they are."""

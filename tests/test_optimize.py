@@ -105,7 +105,6 @@ def test_gelu_stays_tanh(optimized):
         assert ("Tanh" if name == "q8" else "FastGelu") in ops and not ops & {"Gelu", "BiasGelu", "Erf"}
 
 
-@pytest.mark.heavy  # an export of its own at opset 20 (the default suite's opset-20 export: test_export.py)
 def test_an_opset_20_gelu_operator_becomes_fast_gelu(lively, tmp_path):
     """At opset 20 the export writes GELU as Gelu(approximate="tanh"): it becomes FastGelu, never the erf forms."""
     from gptdeploy.app.exporting import export_model
