@@ -246,15 +246,20 @@ def shakespeare_optimized_path(shakespeare, shakespeare_export_path, tmp_path_fa
     return folder
 
 
+def cache_holding(root, loaded, export_path):
+    """An export cache at `root` that already holds `loaded`'s fp32 export (a copy of the one at
+    `export_path`), as after an earlier run."""
+    from gptdeploy.app.export_cache import ExportCache
+
+    cache = ExportCache(root)
+    shutil.copytree(export_path, cache.path(loaded, "fp32"))
+    return cache
+
+
 @pytest.fixture
 def seeded_cache(tiny, tiny_export_path, tmp_path, monkeypatch):
     """An export cache (GPTDEPLOY_CACHE) that already holds `tiny`'s fp32 export, as after an earlier run."""
-    import shutil
-
-    from gptdeploy.app.export_cache import ExportCache
-
-    cache = ExportCache(tmp_path / "cache")
-    shutil.copytree(tiny_export_path, cache.path(tiny, "fp32"))
+    cache = cache_holding(tmp_path / "cache", tiny, tiny_export_path)
     monkeypatch.setenv("GPTDEPLOY_CACHE", str(cache.root))
     return cache
 
@@ -286,12 +291,10 @@ def tiny_bench_cli(tiny, tiny_export_path, tmp_path_factory):
     import json
     import os
 
-    from gptdeploy.app.export_cache import ExportCache
     from tests.test_cli import gptdeploy
 
     folder = tmp_path_factory.mktemp("bench-cli")
-    cache = ExportCache(folder / "cache")
-    shutil.copytree(tiny_export_path, cache.path(tiny, "fp32"))
+    cache = cache_holding(folder / "cache", tiny, tiny_export_path)
     result = gptdeploy("bench", "tiny", "--random", "--runtime", "torch,ort,ort-cuda", "--batch", "1,2",
                        "--prompt-len", "4", "--new-tokens", "3", "--repeat", "1", "--json", folder / "bench.json",
                        *(["--report", folder / "bench.html"] if importlib.util.find_spec("matplotlib") else []),

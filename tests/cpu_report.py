@@ -20,9 +20,8 @@ _rows: list[tuple[str, float]] = []
 def _cpu_seconds() -> float:
     from tests.test_cli import COMMANDS_CPU_SECONDS
 
-    used = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
-               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    return used + COMMANDS_CPU_SECONDS[0]
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usages) + COMMANDS_CPU_SECONDS[0]
 
 
 @pytest.hookimpl(hookwrapper=True)

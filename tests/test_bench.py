@@ -25,12 +25,10 @@ SMALL = dict(batches=(1, 2), prompt_len=6, new_tokens=4, warmup=1, repeat=2, ran
 @pytest.fixture(scope="module")
 def export_cache(tiny, tiny_export_path, tmp_path_factory):
     """A private export cache holding `tiny`'s export already (the export itself is tested elsewhere)."""
-    import shutil
-
-    from gptdeploy.app.export_cache import ExportCache
+    from tests.conftest import cache_holding
 
     path = tmp_path_factory.mktemp("export-cache")
-    shutil.copytree(tiny_export_path, ExportCache(path).path(tiny, "fp32"))
+    cache_holding(path, tiny, tiny_export_path)
     saved = os.environ.get("GPTDEPLOY_CACHE")
     os.environ["GPTDEPLOY_CACHE"] = str(path)
     yield path

@@ -52,10 +52,9 @@ RUNNER = textwrap.dedent("""
 @pytest.fixture(scope="session")
 def doc_results(tmp_path_factory, shakespeare, shakespeare_export_path, shakespeare_optimized_path):
     """{"page:line": None (ran) or the traceback} for every block of every page."""
-    from gptdeploy.app.export_cache import ExportCache
+    from tests.conftest import cache_holding
 
-    cache = ExportCache(tmp_path_factory.mktemp("docs-cache"))
-    shutil.copytree(shakespeare_export_path, cache.path(shakespeare, "fp32"))
+    cache = cache_holding(tmp_path_factory.mktemp("docs-cache"), shakespeare, shakespeare_export_path)
     pages = []
     for page in PAGES_WITH_CODE:
         cwd = tmp_path_factory.mktemp(f"docs-{page.stem}")
