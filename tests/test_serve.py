@@ -243,18 +243,29 @@ def test_unknown_model_gets_4xx(server):
 
 
 def test_client_gone_mid_stream_frees_its_slot(server):
-    conn = http.client.HTTPConnection("127.0.0.1", server.ports.http, timeout=30)
-    conn.request("POST", f"/v2/models/{NAME}/generate_stream",
-                 json.dumps({"text_input": "ROMEO:", "max_tokens": 250, "temperature": 0, "stream": True}))
-    response = conn.getresponse()
-    assert response.status == 200
-    assert response.readline().startswith(b"data:")  # the first token came
-    conn.sock.close()
-    conn.close()
-    deadline = time.monotonic() + 10
-    while not any("cancelled" in line for line in server.recent_log()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert any("its slot is free" in line for line in server.recent_log()), server.recent_log()
+    """The client closes its connection after the first token; the model notices within about 0.1 s, drops the
+    row and logs it. On a loaded machine the batcher can run 100 or more tokens ahead of the sends the client
+    reads; when it has generated all 250 before the close is noticed there is nothing left to cancel, so the
+    attempt is made again (at most 3 in all)."""
+    for _attempt in range(3):
+        seen = set(server.recent_log())
+        conn = http.client.HTTPConnection("127.0.0.1", server.ports.http, timeout=30)
+        conn.request("POST", f"/v2/models/{NAME}/generate_stream",
+                     json.dumps({"text_input": "ROMEO:", "max_tokens": 250, "temperature": 0, "stream": True}))
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.readline().startswith(b"data:")  # the first token came
+        conn.sock.close()
+        conn.close()
+        deadline = time.monotonic() + 5
+        while not (freed := [line for line in server.recent_log() if line not in seen and "its slot is free" in line]):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if freed:
+            break
+    assert freed, "no cancellation logged in 3 attempts:\n" + "\n".join(server.recent_log()[-8:])
+    assert int(freed[-1].split("cancelled after ")[1].split()[0]) < 250, freed
     start = time.perf_counter()
     status, body = post(server, f"/v2/models/{NAME}/generate", {"text_input": "JULIET:", "max_tokens": 8})
     assert status == 200 and len(ids_of(json.loads(body)["token_ids"])) == 8
