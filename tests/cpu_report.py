@@ -5,6 +5,9 @@ A test's figure is this process's CPU time during it (its fixtures' set-up inclu
 counts for the first test that asks for it), plus that of the child processes it waited for, plus that of
 the commands tests/cli_forkserver.py forked for it (not this process's children: their time reaches this
 process only when the server ends).
+
+Every test's figure, costliest first, is also written to .pytest_cache/cpu_report.tsv, with the part
+its set-up took (the fixtures it was the first to ask for).
 """
 
 from __future__ import annotations
@@ -24,11 +27,21 @@ def _cpu_seconds() -> float:
     return sum(u.ru_utime + u.ru_stime for u in usages) + COMMANDS_CPU_SECONDS[0]
 
 
+_setup: dict[str, float] = {}
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     start = _cpu_seconds()
     yield
     _rows.append((item.nodeid, _cpu_seconds() - start))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    start = _cpu_seconds()
+    yield
+    _setup[item.nodeid] = _cpu_seconds() - start
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -41,5 +54,11 @@ def pytest_terminal_summary(terminalreporter):
     for path, seconds in files.most_common(10):
         write(f"{seconds:8.1f}  {path}")
     write("")
-    for nodeid, seconds in sorted(_rows, key=lambda row: -row[1])[:15]:
+    ranked = sorted(_rows, key=lambda row: -row[1])
+    for nodeid, seconds in ranked[:15]:
         write(f"{seconds:8.1f}  {nodeid}")
+    table = terminalreporter.config.rootpath / ".pytest_cache" / "cpu_report.tsv"
+    table.parent.mkdir(exist_ok=True)
+    table.write_text("CPU-s\tof which set-up\ttest\n" + "".join(
+        f"{seconds:.2f}\t{_setup.get(nodeid, 0.0):.2f}\t{nodeid}\n" for nodeid, seconds in ranked))
+    write(f"every test: {table}")
