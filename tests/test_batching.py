@@ -26,20 +26,32 @@ def local(shakespeare_export_path):
 
 
 def run_staggered(batcher, tokenizer, stop_after: dict[int, int] | None = None) -> dict:
+    """Submits the jobs one by one, each later one once the first has streamed two more tokens (or has
+    ended): they join a batch that is already decoding whatever the machine's speed (a clock-driven
+    stagger let a loaded machine finish one job before the next came)."""
     results, done = {}, threading.Semaphore(0)
+    first = threading.Condition()
     for i, (prompt, config) in enumerate(zip(PROMPTS, CONFIGS)):
         streamed = []
 
         def emit(token, i=i, streamed=streamed):
-            streamed.append(token)
+            with first:
+                streamed.append(token)
+                first.notify_all()
             return not (stop_after and len(streamed) >= stop_after.get(i, 10**9))
 
         def finish(reason, ids, message, i=i, streamed=streamed):
-            results[i] = (reason, ids, list(streamed), message)
+            with first:
+                results[i] = (reason, ids, list(streamed), message)
+                first.notify_all()
             done.release()
 
+        if i:
+            with first:
+                assert first.wait_for(lambda i=i: len(first_streamed) >= 2 * i or 0 in results, timeout=60)
+        else:
+            first_streamed = streamed
         batcher.submit(Job(tokenizer.encode(prompt), config, emit, finish))
-        time.sleep(0.01 * i)  # later jobs join a batch that is already decoding
     for _ in PROMPTS:
         assert done.acquire(timeout=60)
     return results
