@@ -30,27 +30,26 @@ def run_staggered(batcher, tokenizer, stop_after: dict[int, int] | None = None) 
     ended): they join a batch that is already decoding whatever the machine's speed (a clock-driven
     stagger let a loaded machine finish one job before the next came)."""
     results, done = {}, threading.Semaphore(0)
-    first = threading.Condition()
+    progress, streams = threading.Condition(), []
     for i, (prompt, config) in enumerate(zip(PROMPTS, CONFIGS)):
         streamed = []
+        streams.append(streamed)
 
         def emit(token, i=i, streamed=streamed):
-            with first:
+            with progress:
                 streamed.append(token)
-                first.notify_all()
+                progress.notify_all()
             return not (stop_after and len(streamed) >= stop_after.get(i, 10**9))
 
         def finish(reason, ids, message, i=i, streamed=streamed):
-            with first:
+            with progress:
                 results[i] = (reason, ids, list(streamed), message)
-                first.notify_all()
+                progress.notify_all()
             done.release()
 
         if i:
-            with first:
-                assert first.wait_for(lambda i=i: len(first_streamed) >= 2 * i or 0 in results, timeout=60)
-        else:
-            first_streamed = streamed
+            with progress:
+                assert progress.wait_for(lambda i=i: len(streams[0]) >= 2 * i or 0 in results, timeout=60)
         batcher.submit(Job(tokenizer.encode(prompt), config, emit, finish))
     for _ in PROMPTS:
         assert done.acquire(timeout=60)
