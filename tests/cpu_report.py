@@ -18,6 +18,7 @@ import resource
 import pytest
 
 _rows: list[tuple[str, float]] = []
+_setup: dict[str, float] = {}
 
 
 def _cpu_seconds() -> float:
@@ -25,9 +26,6 @@ def _cpu_seconds() -> float:
 
     usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     return sum(u.ru_utime + u.ru_stime for u in usages) + COMMANDS_CPU_SECONDS[0]
-
-
-_setup: dict[str, float] = {}
 
 
 @pytest.hookimpl(hookwrapper=True)
