@@ -29,8 +29,7 @@ def run_staggered(batcher, tokenizer, stop_after: dict[int, int] | None = None) 
     """Submits the jobs one by one, each later one once the first has streamed two more tokens (or has
     ended): they join a batch that is already decoding whatever the machine's speed (a clock-driven
     stagger let a loaded machine finish one job before the next came)."""
-    results, done = {}, threading.Semaphore(0)
-    progress, streams = threading.Condition(), []
+    results, streams, progress = {}, [], threading.Condition()
     for i, (prompt, config) in enumerate(zip(PROMPTS, CONFIGS)):
         streamed = []
         streams.append(streamed)
@@ -45,14 +44,13 @@ def run_staggered(batcher, tokenizer, stop_after: dict[int, int] | None = None) 
             with progress:
                 results[i] = (reason, ids, list(streamed), message)
                 progress.notify_all()
-            done.release()
 
         if i:
             with progress:
                 assert progress.wait_for(lambda i=i: len(streams[0]) >= 2 * i or 0 in results, timeout=60)
         batcher.submit(Job(tokenizer.encode(prompt), config, emit, finish))
-    for _ in PROMPTS:
-        assert done.acquire(timeout=60)
+    with progress:
+        assert progress.wait_for(lambda: len(results) == len(PROMPTS), timeout=60 * len(PROMPTS))
     return results
 
 
