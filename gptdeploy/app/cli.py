@@ -253,9 +253,9 @@ def web(
     """
     from gptdeploy.app.web import open_site, serve
 
-    site = open_site(folder, assets)
-    if not 0 <= port <= 65535:
+    if not 0 <= port <= 65535:  # a bad option is said first, before the folder and the page are looked at
         raise GptDeployError(f"--port {port} is not a port (0 to 65535)")
+    site = open_site(folder, assets)
 
     def ready(url: str) -> None:
         print(f"Serving {folder} ({', '.join(site.dtypes())}) and the page from {site.assets}; Ctrl-C stops")
