@@ -117,6 +117,7 @@ def test_bytes_per_step_count_the_weights_a_decode_step_reads():
     assert ModelUnderTest(no_bias.to_dict(), "", None, "fp32").parameters == GPT(no_bias).num_params()
 
 
+@pytest.mark.heavy  # three bench runs (some 5 CPU-s beyond the lively export)
 def test_runtimes_that_cannot_run_are_reported_with_the_reason(lively_export_path, tmp_path):
     """An export folder whose checkpoint cannot be had again (lively's weights were made by a test): torch
     and hf are unavailable, ort runs, baseline falls to it."""

@@ -58,6 +58,7 @@ def test_help():
     assert result.returncode == 0 and "info" in result.stdout
 
 
+@pytest.mark.heavy  # gpt2-size: 124M random parameters
 def test_info_gpt2_random_counts_parameters():
     result = gptdeploy("info", "gpt2", "--random")
     assert result.returncode == 0, result.stderr

@@ -141,7 +141,7 @@ def test_onnxruntime_matches_gptdeploy(node_example, folder, reference, name, dt
         assert got == reference(variant, prompts), prompts
 
 
-@pytest.mark.parametrize("name, dtype, model_file, graph, variant", CASES[:2], ids=[c[0] for c in CASES[:2]])
+@pytest.mark.parametrize("name, dtype, model_file, graph, variant", cases(CASES[:2], {"fp32"}))
 def test_shared_weights(node_example, lively_shared, greedy_ids, name, dtype, model_file, graph, variant):
     """The fp32 graphs of a folder whose weights are in one shared file (onnx/model.onnx_data, which config.json
     names for transformers.js): both scripts load them as they are."""

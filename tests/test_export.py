@@ -329,6 +329,7 @@ def test_fp16_graph_keeps_layernorm_in_fp32(tiny_export_fp16):
 
 # --- failures leave nothing behind ---------------------------------------------------------------
 
+@pytest.mark.heavy  # a whole export that then fails (some 7 CPU-s); by default test_optimize.py fails a variant's validation
 def test_failed_validation_leaves_no_folder(tiny, tmp_path, monkeypatch):
     # fp32 ONNX Runtime never matches torch bit for bit
     monkeypatch.setitem(TOLERANCES, "fp32", {**TOLERANCES["fp32"], "max_abs": 0.0})
@@ -352,6 +353,7 @@ def test_validation_catches_a_wrong_graph(tiny_export, tiny, tmp_path):
     assert "decoder_model" not in failures
 
 
+@pytest.mark.heavy  # a traced export in a fresh interpreter; by default test_reliability.py interrupts one (SIGKILL)
 def test_interrupted_export_leaves_no_folder(tmp_path):
     """Ctrl-C half-way (the first graph written, the second being traced): exit 130, nothing left."""
     process = subprocess.Popen([sys.executable, "-m", "gptdeploy", "export", "tiny", "--random", "--out",
@@ -385,6 +387,7 @@ def test_force_does_not_replace_a_folder_that_is_no_export(tiny, tmp_path):
 
 # --- other sources, opsets, external data ----------------------------------------------------------
 
+@pytest.mark.heavy  # an opset-20 export of its own (some 8 CPU-s); external data by default: the lively_shared fixture
 def test_char_level_checkpoint_with_external_data_and_opset_20(tmp_path, char_meta, monkeypatch):
     """A nanoGPT char-level checkpoint: meta.pkl travels; external data (forced small) loads from any directory."""
     from tests.conftest import write_nanogpt_checkpoint

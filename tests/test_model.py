@@ -20,6 +20,7 @@ def make_model(seed=0, **overrides):
     return model.eval()
 
 
+@pytest.mark.heavy  # gpt2-size: 124M random parameters
 def test_gpt2_parameter_count():
     assert GPT(PRESETS["gpt2"].config).num_params() == 124_439_808
 

@@ -58,6 +58,7 @@ def test_export_and_generate_need_real_weights_or_random(tmp_path):
         assert "--random" in result.stderr and "shakespeare preset" in result.stderr
 
 
+@pytest.mark.heavy  # a parity and a bench run (some 4 CPU-s)
 def test_bench_and_parity_fall_back_to_random_weights(tmp_path, monkeypatch, capfd):
     """A preset whose trained weights cannot be had: comparisons run on seeded random weights and say so."""
     from gptdeploy.app.parity_run import Target, run_parity
@@ -85,6 +86,7 @@ def test_bench_and_parity_fall_back_to_random_weights(tmp_path, monkeypatch, cap
     assert "note: tiny-hub's trained weights are not here" in capfd.readouterr().err
 
 
+@pytest.mark.heavy  # a parity and a bench command (some 5 CPU-s)
 def test_parity_and_bench_on_an_export_folder_use_its_checkpoint(tiny_export_path, tmp_path):
     result = gptdeploy("parity", tiny_export_path, "--runtimes", "torch,ort", "--steps", "2", "--greedy-tokens", "4")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -99,6 +101,7 @@ def test_parity_and_bench_on_an_export_folder_use_its_checkpoint(tiny_export_pat
     assert [r["status"] for r in rows] == ["ok", "ok"]
 
 
+@pytest.mark.heavy  # an export of its own (some 10 CPU-s)
 def test_an_export_whose_checkpoint_has_changed_or_is_gone_says_so(hf_folder, tmp_path):
     """The checkpoint is there, but its weights are not the ones exported: refused, not compared; then the
     checkpoint is gone: refused, saying what to pass. (One export for both: each costs some ten CPU-seconds.)"""

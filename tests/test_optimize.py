@@ -105,6 +105,7 @@ def test_gelu_stays_tanh(optimized):
         assert ("Tanh" if name == "q8" else "FastGelu") in ops and not ops & {"Gelu", "BiasGelu", "Erf"}
 
 
+@pytest.mark.heavy  # an opset-20 export of its own (some 8 CPU-s)
 def test_an_opset_20_gelu_operator_becomes_fast_gelu(lively, tmp_path):
     """At opset 20 the export writes GELU as Gelu(approximate="tanh"): it becomes FastGelu, never the erf forms."""
     from gptdeploy.app.exporting import export_model
@@ -314,6 +315,7 @@ def test_parity_uses_each_variants_tolerances(shakespeare_optimized_path, shakes
         assert result.passed, [c.describe() for c in result.failures]
 
 
+@pytest.mark.heavy  # a bench of every variant (some 6 CPU-s); by default test_bench.py measures ort and torch
 def test_bench_measures_variants_side_by_side(seeded_cache):
     from gptdeploy.app.bench import run_bench
     from gptdeploy.app.bench_settings import BenchSettings, expand_variants

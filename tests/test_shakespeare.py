@@ -109,6 +109,7 @@ def test_export_keeps_the_validation_loss(shakespeare, shakespeare_export, val_i
     assert abs(exported - reference) <= 1e-4
 
 
+@pytest.mark.heavy  # generates on two runtimes (some 3 CPU-s); by default test_runtimes.py compares them on tiny
 def test_torch_and_ort_generate_the_same_tokens(shakespeare, shakespeare_export):
     tokenizer, reference, runner = shakespeare.tokenizer, TorchRunner(shakespeare.model), OrtRunner(shakespeare_export)
     for prompt in PROMPTS:
