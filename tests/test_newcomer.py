@@ -101,7 +101,37 @@ def test_parity_and_bench_on_an_export_folder_use_its_checkpoint(tiny_export_pat
     assert [r["status"] for r in rows] == ["ok", "ok"]
 
 
-@pytest.mark.heavy  # an export of its own (some 10 CPU-s)
+def test_a_checkpoint_that_changed_or_went_is_refused(hf_folder, hf_export_path, tmp_path):
+    """What the heavy test below checks end to end, on the session's export of hf_folder: a copy of the
+    export pointed at a copy of its checkpoint is accepted; once that checkpoint's weights change, and once it
+    is gone, it is refused with the reason."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from gptdeploy.app.sources import checkpoint_of
+
+    moved = shutil.copytree(hf_folder, tmp_path / "hf")
+    folder = shutil.copytree(hf_export_path, tmp_path / "hf-onnx")
+    manifest_path = folder / "gptdeploy.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["source"]["source"] == str(hf_folder)
+    manifest["source"] = {**manifest["source"], "source": str(moved)}
+    manifest_path.write_text(json.dumps(manifest))
+    assert checkpoint_of(read_export(folder)).source == str(moved)
+
+    weights = next(moved.glob("*.safetensors"))
+    state = load_file(weights)
+    name = next(n for n in state if n.endswith("ln_f.weight"))
+    save_file({**state, name: state[name] + 1}, weights, metadata={"format": "pt"})
+    with pytest.raises(GptDeployError, match=r"whose weights have changed since \(their sha256 differs\)"):
+        checkpoint_of(read_export(folder))
+    shutil.rmtree(moved)
+    with pytest.raises(GptDeployError, match="which cannot be loaded now"):
+        checkpoint_of(read_export(folder))
+
+
+@pytest.mark.heavy  # an export of its own (some 10 CPU-s); by default: the test above
 def test_an_export_whose_checkpoint_has_changed_or_is_gone_says_so(hf_folder, tmp_path):
     """The checkpoint is there, but its weights are not the ones exported: refused, not compared; then the
     checkpoint is gone: refused, saying what to pass. (One export for both: each costs some ten CPU-seconds.)"""
