@@ -16,7 +16,7 @@ import torch
 from gptdeploy.errors import GptDeployError
 from gptdeploy.export_folder import read_export
 from gptdeploy.runtimes.registry import RUNTIMES
-from tests.test_bad_input import assert_refused
+from tests.test_bad_input import assert_refused, manifest_edit
 from tests.test_cli import gptdeploy
 
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
@@ -105,19 +105,14 @@ def test_a_checkpoint_that_changed_or_went_is_refused(hf_folder, hf_export_path,
     """What the heavy test below checks end to end, on the session's export of hf_folder: a copy of the
     export pointed at a copy of its checkpoint is accepted; once that checkpoint's weights change, and once it
     is gone, it is refused with the reason."""
-    import json
-
     from safetensors.torch import load_file, save_file
 
     from gptdeploy.app.sources import checkpoint_of
 
     moved = shutil.copytree(hf_folder, tmp_path / "hf")
     folder = shutil.copytree(hf_export_path, tmp_path / "hf-onnx")
-    manifest_path = folder / "gptdeploy.json"
-    manifest = json.loads(manifest_path.read_text())
-    assert manifest["source"]["source"] == str(hf_folder)
-    manifest["source"] = {**manifest["source"], "source": str(moved)}
-    manifest_path.write_text(json.dumps(manifest))
+    assert read_export(folder).source["source"] == str(hf_folder)
+    manifest_edit(folder, lambda m: {**m, "source": {**m["source"], "source": str(moved)}})
     assert checkpoint_of(read_export(folder)).source == str(moved)
 
     weights = next(moved.glob("*.safetensors"))
