@@ -78,7 +78,6 @@ def test_a_broken_conversion_in_the_cache_is_made_again(shakespeare, tmp_path):
     assert record_again["files"] == record["files"]
 
 
-@pytest.mark.heavy  # converts the shakespeare model four ways (some 8 CPU-s); by default the bench test below runs ct2
 @needs_gguf
 def test_gguf_holds_the_models_tensors_in_llama_cpps_layout(shakespeare, tmp_path):
     import gguf

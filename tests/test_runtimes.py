@@ -306,7 +306,6 @@ def test_generate_streams_text_to_stdout(lively_export_path):
     assert again.stdout == result.stdout
 
 
-@pytest.mark.heavy  # an export of its own, through the CLI (some 10 CPU-s); by default the cache's exports are seeded
 def test_generate_exports_a_preset_into_the_cache(tmp_path, tiny):
     """Into a cache whose entry for these weights died half-way: exported again, then reused."""
     from gptdeploy.app.export_cache import ExportCache
