@@ -36,6 +36,7 @@ class OpenOptions:
     variant: str | None = None  # ONNX Runtime: a variant of the export (gptdeploy.export_folder.VARIANTS)
     threads: int = 0  # intra-op threads of ONNX Runtime; 0: its default (one per core)
     optimization: str = "all"  # ONNX Runtime's graph optimization level
+    huge_pages: bool = False  # ONNX Runtime on CPU: the weights moved into huge pages once loaded (slower to open)
 
     def cuda_index(self, runtime: str) -> int:
         """N of "cuda:N" (0 for "cuda" or no device); GptDeployError for anything else."""

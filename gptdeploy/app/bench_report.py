@@ -48,7 +48,8 @@ def summary_lines(report: dict) -> list[str]:
         f"model: {m['source']} · {m['weights']} · {m['parameters'] / 1e6:.1f}M parameters · {m['precision']}",
         f"settings: prompt {s['prompt_len']} tokens · {s['new_tokens']} new tokens · batch "
         f"{', '.join(map(str, s['batches']))} · warm-up {s['warmup']}, {s['repeat']} repeats (medians) · "
-        f"{s['threads']} threads · ONNX Runtime optimization {s['ort_optimization']} · seed {s['seed']}",
+        f"{s['threads']} threads · ONNX Runtime optimization {s['ort_optimization']}"
+        f"{', huge pages' if s.get('huge_pages') else ''} · seed {s['seed']}",
         f"machine: {machine['cpu']} · {machine['physical_cores']} cores, {machine['logical_cpus']} logical CPUs · "
         f"{machine['memory_gib']} GiB · {gpus} · {load}",
         f"libraries: {versions} · Python {machine['python']}",

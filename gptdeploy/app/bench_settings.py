@@ -33,6 +33,7 @@ class BenchSettings:
     seed: int = 0  # seed of the random weights and of the token ids fed to every runtime
     isolate: bool = True  # each runtime in its own process (attributable memory); False: in this one
     bandwidth_mib: int = 512  # the array the read bandwidth is measured on: far larger than any cache
+    huge_pages: bool = False  # the ort runtimes move their weights into huge pages (counted in their set-up)
 
     def check(self) -> None:
         if not self.runtimes:

@@ -81,7 +81,8 @@ def _open_timed(settings: BenchSettings, name: str, device: str | None, export_f
         setup["engine_build_s"] = time.perf_counter() - start
     start = time.perf_counter()
     runner, tokenizer = open_runner(runtime, export_folder, device=device, variant=variant, threads=settings.threads,
-                                    optimization=settings.ort_optimization)
+                                    optimization=settings.ort_optimization,
+                                    huge_pages=settings.huge_pages and runtime == "ort")
     setup["session_s"] = time.perf_counter() - start
     return runner, tokenizer, setup
 

@@ -358,6 +358,7 @@ def generate(
         show_default=False)] = None,
     device: Annotated[str | None, typer.Option(help="torch: cpu or cuda[:N]; ort-cuda: cuda:N.")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0: its default).")] = 0,
+    huge_pages: HugePagesOpt = False,
     random: RandomOpt = False,
     weights_seed: Annotated[int, typer.Option(help="Seed of the random weights (--random).")] = 0,
 ):
@@ -371,9 +372,11 @@ def generate(
     _check_threads(threads)
     _check_device(device)
     runtime = runtime or _default_runtime(source, precision, variant)
+    if huge_pages and runtime != "ort":
+        raise GptDeployError(f"--huge-pages is for the ort runtime (ONNX Runtime on the CPU), not {runtime}")
     start = time.perf_counter()
     runner, tokenizer = open_runner(runtime, source, precision=precision, variant=variant, device=device,
-                                    threads=threads, weights="random" if random else None,
+                                    threads=threads, huge_pages=huge_pages, weights="random" if random else None,
                                     weights_seed=weights_seed, progress=Progress())
     load_s = time.perf_counter() - start
     note = _random_weights_note(source, random, weights_seed)
@@ -628,6 +631,9 @@ def bench(
     in_process: Annotated[bool, typer.Option(
         "--in-process", help="Measure every runtime in this process instead of one process each: quicker to "
                              "start, but each runtime's memory then includes the others'.")] = False,
+    huge_pages: Annotated[bool, typer.Option(
+        "--huge-pages", help="The ort runtimes move their weights into huge pages once loaded (see generate "
+                             "--huge-pages); the time it takes counts in their set-up.")] = False,
     random: RandomOpt = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights and of the token ids fed.")] = 0,
 ):
@@ -645,7 +651,7 @@ def bench(
         source, runtimes, batches=_int_list("--batch", batch),
         prompt_len=prompt_len, new_tokens=new_tokens, warmup=warmup, repeat=repeat, threads=threads,
         precision=precision, device=device, ort_optimization=optimization, random_weights=random, seed=seed,
-        isolate=not in_process,
+        isolate=not in_process, huge_pages=huge_pages,
     )
     settings.check()
     _check_threads(threads)
@@ -674,6 +680,11 @@ ThreadsOpt = Annotated[int, typer.Option(help="ONNX Runtime intra-op threads per
                                          "is quicker on a busy machine).")]
 
 
+HugePagesOpt = Annotated[bool, typer.Option(
+    "--huge-pages", help="ONNX Runtime on the CPU: move the weights into huge pages once loaded (Linux 6.1+): "
+                         "faster decode steps, slower to start (docs/cpu-speed.md).")]
+
+
 @app.command()
 def triton(
     source: SourceArg = "gpt2",
@@ -686,6 +697,7 @@ def triton(
     name: NameOpt = None,
     max_batch: MaxBatchOpt = 16,
     threads: ThreadsOpt = 0,
+    huge_pages: HugePagesOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing repository.")] = False,
     random: RandomOpt = False,
     seed: SeedOpt = 0,
@@ -695,7 +707,7 @@ def triton(
     from gptdeploy.app.serving import export_of
     from gptdeploy.app.triton_repo import RepoSettings, write_repository
 
-    settings = RepoSettings(name or _model_name(source), runtime, variant, instances, max_batch, threads)
+    settings = RepoSettings(name or _model_name(source), runtime, variant, instances, max_batch, threads, huge_pages)
     settings.check()
     if out.exists() and not force:
         raise GptDeployError(f"{out} exists; pass --force to replace it")
@@ -718,6 +730,7 @@ def serve(
     name: NameOpt = None,
     max_batch: MaxBatchOpt = 16,
     threads: ThreadsOpt = 0,
+    huge_pages: HugePagesOpt = False,
     variant: Annotated[str | None, typer.Option(help="An ONNX Runtime variant to run.", show_default=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show the Triton server's log.")] = False,
     random: RandomOpt = False,
@@ -731,7 +744,7 @@ def serve(
     from gptdeploy.app.triton_repo import RepoSettings
     from gptdeploy.files import deferred_signals
 
-    settings = RepoSettings(name or _model_name(source), "ort", variant, instances, max_batch, threads)
+    settings = RepoSettings(name or _model_name(source), "ort", variant, instances, max_batch, threads, huge_pages)
     settings.check()
     ports = Ports(http_port, grpc_port, metrics_port)
     ports.check()

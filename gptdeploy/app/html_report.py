@@ -194,7 +194,8 @@ def _bench_header(report: dict) -> list[tuple[str, str]]:
             ("runtimes", ", ".join(s["runtimes"])),
             ("settings", f"batch {', '.join(map(str, s['batches']))} · prompt {s['prompt_len']} tokens · "
                          f"{s['new_tokens']} new tokens · warm-up {s['warmup']}, {s['repeat']} timed repeats · "
-                         f"{s['threads']} threads · ONNX Runtime optimization {s['ort_optimization']} · seed "
+                         f"{s['threads']} threads · ONNX Runtime optimization {s['ort_optimization']}"
+                         f"{', huge pages' if s.get('huge_pages') else ''} · seed "
                          f"{s['seed']} · {'each runtime in its own process' if s['isolate'] else 'in one process'}"),
             ("machine", f"{machine['cpu']} · {machine['physical_cores']} cores, {machine['logical_cpus']} logical "
                         f"CPUs · {machine['memory_gib']} GiB · {gpus} · {machine['os']}"),

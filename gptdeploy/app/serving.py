@@ -343,7 +343,7 @@ def served_repository(folder, settings, cache=None) -> Path:
 
     root = (cache or ExportCache()).root / "triton"
     key = f"{folder.path.name}-{settings.name}-{settings.runtime}-{settings.variant or 'export'}-" \
-          f"i{settings.instances}-b{settings.max_batch}-t{settings.threads}"
+          f"i{settings.instances}-b{settings.max_batch}-t{settings.threads}{'-h' if settings.huge_pages else ''}"
     # one repository per serving process (another serve of the same model must not swap it under a live
     # server); those of processes that are gone are removed here
     if root.is_dir():

@@ -14,7 +14,7 @@ resolved once, by gptdeploy.precision.resolve.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gptdeploy.app.export_cache import ExportCache
@@ -37,6 +37,7 @@ def open_runner(
     device: str | None = None,
     threads: int = 0,
     optimization: str = "all",
+    huge_pages: bool = False,
     weights: str | None = None,
     weights_seed: int = 0,
     cache: ExportCache | None = None,
@@ -50,10 +51,13 @@ def open_runner(
         export's precision, or int8 / int4 / fp32-fused for those variants).
     device: torch: "cpu" (default), "cuda", "cuda:1", ...; ort-cuda, trt, ort-trt: "cuda:N" picks the GPU.
     threads, optimization: ONNX Runtime's intra-op threads (0: its default) and graph optimization level.
+    huge_pages: ONNX Runtime on CPU moves the session's weights into huge pages once loaded
+        (gptdeploy.runtimes.hugepages): faster steps, slower to open.
     cache: where checkpoints are exported for the ONNX runtimes (default: ExportCache()).
     """
     spec = require(name)
-    options = OpenOptions(device=device, variant=None, threads=threads, optimization=optimization)
+    options = OpenOptions(device=device, variant=None, threads=threads, optimization=optimization,
+                          huge_pages=huge_pages)
     cache = cache or ExportCache()
     if is_export_folder(Path(source)):
         return _open_export_folder(spec, read_export(source), precision, variant, options, cache, progress)
@@ -150,7 +154,7 @@ def _open_checkpoint(spec: RuntimeSpec, source, resolved: Resolved, options: Ope
 def _open_folder(spec: RuntimeSpec, folder: ExportFolder, resolved: Resolved, options: OpenOptions,
                  cache: ExportCache, progress: Progress) -> Runner:
     """The runtime on the folder, every file it reads verified against the manifest first."""
-    options = OpenOptions(options.device, resolved.variant, options.threads, options.optimization)
+    options = replace(options, variant=resolved.variant)
     verify(folder, files_used(folder, variant=resolved.variant, graphs=spec.graphs), memo=cache.memo())
     if not spec.needs_engines:
         return spec.open(folder, options)

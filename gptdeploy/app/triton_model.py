@@ -90,7 +90,8 @@ class TritonPythonModel:
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         variant = params.get("variant") or None
         self.runner = require(params.get("runtime", "ort")).open(
-            folder, OpenOptions(device=device, variant=variant, threads=int(params.get("threads", "0"))))
+            folder, OpenOptions(device=device, variant=variant, threads=int(params.get("threads", "0")),
+                                huge_pages=params.get("huge_pages") == "1"))
         self.tokenizer = folder.tokenizer()
         self.block_size = self.runner.info.block_size
         self.max_prompt_bytes = int(params.get("max_prompt_bytes", "65536"))

@@ -52,6 +52,7 @@ class RepoSettings:
     instances: int = 1
     max_batch: int = 16  # rows the python model decodes together (continuous batching)
     threads: int = 0  # ONNX Runtime intra-op threads per instance (0: one per core)
+    huge_pages: bool = False  # ONNX Runtime on the CPU: the weights moved into huge pages once loaded
 
     def check(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -64,6 +65,8 @@ class RepoSettings:
             raise GptDeployError(f"--max-batch must be from 1 to 256, got {self.max_batch}")
         if not 0 <= self.threads <= 256:
             raise GptDeployError(f"--threads must be from 0 to 256, got {self.threads}")
+        if self.huge_pages and self.runtime != "ort":
+            raise GptDeployError(f"--huge-pages is for the ort runtime (ONNX Runtime on the CPU), not {self.runtime}")
 
     @property
     def gpu(self) -> bool:
@@ -164,7 +167,8 @@ def _instance_group(s: RepoSettings) -> str:
 def python_config(folder: ExportFolder, s: RepoSettings) -> str:
     """config.pbtxt of the python model: decoupled, batching done inside it (max_batch_size 0)."""
     params = {"runtime": "ort" if s.runtime == "ort" else "ort-cuda", "max_batch": str(s.max_batch),
-              "threads": str(s.threads), "variant": s.variant or "", "max_prompt_bytes": "65536",
+              "threads": str(s.threads), "huge_pages": "1" if s.huge_pages else "0", "variant": s.variant or "",
+              "max_prompt_bytes": "65536",
               "default_max_tokens": "64"}
     # the prompt; the generation settings (max_tokens, temperature, ...) are request parameters (triton_model.py)
     inputs = [("text_input", "TYPE_STRING", "[ 1 ]"), ("input_ids", "TYPE_INT64", "[ -1 ]")]
