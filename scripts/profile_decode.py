@@ -1,7 +1,7 @@
 """Where a decode step's time goes in ONNX Runtime, per op type, for each variant of an export.
 
     python scripts/profile_decode.py [SOURCE] [--random] [--variants export,fp32-fused,int8,q4]
-        [--prompt-len 128] [--new-tokens 128] [--threads 2] [--json FILE]
+        [--prompt-len 128] [--new-tokens 128] [--threads 2] [--huge-pages] [--json FILE]
 
 SOURCE (default gpt2; --random for seeded random weights) is exported into the export cache with the
 variants named, as `gptdeploy bench` does. Per variant:
@@ -63,15 +63,20 @@ def per_op(profile: Path, decode_runs: int) -> dict:
             "ops_us": {op: us / len(runs) for op, us in sorted(ops.items(), key=lambda kv: -kv[1])}}
 
 
-def profile_variant(folder, variant, ids, prompt_len, new_tokens, threads, tmp: Path, tokenizer) -> dict:
+def profile_variant(folder, variant, ids, prompt_len, new_tokens, threads, tmp: Path, tokenizer,
+                    huge_pages: bool = False) -> dict:
     name = variant or "export"
-    profiled = OrtRunner(folder, SessionConfig(intra_op_threads=threads, profile_prefix=str(tmp / name)),
-                         variant=variant)
+    # the timed runner first: its session's memory is the process's new memory (--huge-pages moves that)
+    start = time.perf_counter()
+    runner = OrtRunner(folder, SessionConfig(intra_op_threads=threads, huge_pages=huge_pages), variant=variant)
+    session_s = time.perf_counter() - start
+    profiled = OrtRunner(folder, SessionConfig(intra_op_threads=threads, profile_prefix=str(tmp / name),
+                                               huge_pages=huge_pages), variant=variant)
     round_times(profiled, ids, prompt_len)  # warm-up, in the profile too but before the counted runs
     steps_profiled = round_times(profiled, ids, prompt_len)
     files = [Path(f) for f in profiled.end_profiling()]
     profile = per_op(max(files, key=lambda f: f.stat().st_size), len(steps_profiled))
-    runner = OrtRunner(folder, SessionConfig(intra_op_threads=threads), variant=variant)
+    profiled.close()
     steps, loops = [], []
     config = GenerationConfig(max_new_tokens=new_tokens, greedy=True, stop_at_eot=False)
     for _ in range(4):  # the first of each is a warm-up
@@ -80,7 +85,8 @@ def profile_variant(folder, variant, ids, prompt_len, new_tokens, threads, tmp: 
         loops.append(result.decode_s / (new_tokens - 1))
     step_ms, loop_ms = statistics.median(steps[1:]) * 1e3, statistics.median(loops[1:]) * 1e3
     kernels_us = sum(profile["ops_us"].values())
-    return {"variant": name, "decode_step_ms": step_ms, "generate_per_token_ms": loop_ms,
+    return {"variant": name, "session_s": session_s, "huge_page_mib": runner.huge_page_bytes / 2**20,
+            "decode_step_ms": step_ms, "generate_per_token_ms": loop_ms,
             "profiled_step_ms": statistics.median(steps_profiled) * 1e3, "session_run_us": profile["run_us"],
             "kernels_us": kernels_us, "ops_us": profile["ops_us"]}
 
@@ -96,7 +102,8 @@ def markdown(result: dict) -> str:
               f"{result['profiled_step_ms'] * 1e3 - result['session_run_us']:,.0f} | |", "",
               f"Without the profiler: decode step {result['decode_step_ms']:.2f} ms (median), generate() "
               f"{result['generate_per_token_ms']:.2f} ms per token after the first: the loop's own cost "
-              f"{result['generate_per_token_ms'] - result['decode_step_ms']:+.2f} ms per token.", ""]
+              f"{result['generate_per_token_ms'] - result['decode_step_ms']:+.2f} ms per token. Session made in "
+              f"{result['session_s']:.2f} s; {result['huge_page_mib']:.0f} MiB moved into huge pages.", ""]
     return "\n".join(lines)
 
 
@@ -108,6 +115,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--huge-pages", action="store_true", help="as gptdeploy generate --huge-pages")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     loaded = load(args.source, weights="random" if args.random else None)
@@ -121,12 +129,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             results.append(profile_variant(folder.path, variant, ids, args.prompt_len, args.new_tokens,
-                                           args.threads, Path(tmp), loaded.tokenizer))
+                                           args.threads, Path(tmp), loaded.tokenizer, args.huge_pages))
             print(markdown(results[-1]), flush=True)
     loads = {"start": load_start, "end": os.getloadavg()}
     print(f"load average: {loads['start'][0]:.2f} at start, {loads['end'][0]:.2f} at end")
     if args.json:
-        args.json.write_text(json.dumps({"source": args.source, "random": args.random, "prompt_len": args.prompt_len,
+        args.json.write_text(json.dumps({"source": args.source, "random": args.random, "huge_pages": args.huge_pages,
+                                         "prompt_len": args.prompt_len,
                                          "new_tokens": args.new_tokens, "threads": args.threads,
                                          "load_average": loads, "variants": results}, indent=2))
 
