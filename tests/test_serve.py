@@ -288,7 +288,8 @@ def _session_processes(sid: int) -> list[str]:
 def test_serve_stops_on_sigterm_with_no_process_left(folder):
     http_port, grpc_port, metrics_port = free_ports()
     command = [sys.executable, "-m", "gptdeploy", "serve", str(folder.path), "--name", "served",
-               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
+               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+               "--huge-pages"]  # the model loads with the option too (the other tests serve without it)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:

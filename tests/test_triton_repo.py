@@ -5,6 +5,8 @@ by a real Triton server: tests/test_serve.py."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gptdeploy.app.triton_repo import RepoSettings, write_repository
@@ -92,8 +94,12 @@ def test_triton_command(shakespeare_folder, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a model repository that gptdeploy wrote" in err and len(err.strip().splitlines()) == 1
     assert (mine / "thesis.txt").read_text() == "mine"
+    assert run(["triton", str(folder.path), "--out", str(tmp_path / "huge"), "--huge-pages"]) == 0
+    capsys.readouterr()
+    config = (tmp_path / "huge" / "shakespeare" / "config.pbtxt").read_text()
+    assert re.search(r'key: "huge_pages"\s*value: \{\s*string_value: "1"', config), config
     for bad, says in ((["--runtime", "torch"], "--runtime 'torch'"), (["--instances", "0"], "--instances"),
-                      (["--name", "../x"], "--name")):
+                      (["--name", "../x"], "--name"), (["--runtime", "trt", "--huge-pages"], "--huge-pages")):
         assert run(["triton", str(folder.path), "--out", str(tmp_path / "other"), *bad]) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1
