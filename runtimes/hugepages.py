@@ -12,9 +12,10 @@ whatever that setting is (except `never`). It copies the memory once and changes
 creation), not for the rest of the process. It is advice: where the kernel cannot (an older
 kernel, another OS, no free huge page), nothing happens and the session runs as it would have.
 
-Measured on a 2-core AMD EPYC (docs/cpu-speed.md): the fp32 decode step 5-12% faster, at a cost when
-the session opens (about 1.6-2.2 s for gpt2's fp32 weights, 0.4 s for int8): worth it for a server
-or a long generation, not for a few tokens. Hence opt-in: `--huge-pages`.
+Measured on a 2-core AMD EPYC (docs/cpu-speed.md#huge-pages-for-the-weights): gpt2's fp32 decode step
+2-8% faster, int8 and q4 within the spread between runs, at a cost when the session opens (0.5-1.5 s
+more for gpt2): worth it for a long-running server in fp32, not for a few tokens. Hence opt-in:
+`--huge-pages`.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ The kernel is the oracle: /proc/self/smaps says which memory is in huge pages (A
 
 import json
 import mmap
+import platform
+import re
 import sys
 from pathlib import Path
 
@@ -82,6 +84,8 @@ def _huge_bytes_in(array: np.ndarray) -> int:
 def _collapse_works() -> str | None:
     if not sys.platform.startswith("linux"):
         return "huge pages are moved on Linux only"
+    if tuple(int(x) for x in re.findall(r"\d+", platform.release())[:2]) < (6, 1):
+        return f"Linux {platform.release()} has no MADV_COLLAPSE (6.1 and later)"
     mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not mode.exists() or "[never]" in mode.read_text():
         return "this kernel has transparent huge pages off"
@@ -133,4 +137,3 @@ def test_huge_pages_are_refused_where_they_do_nothing(shakespeare_export_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "gptdeploy: error: --huge-pages is for the ort runtime (ONNX Runtime on the CPU), not torch"]
-
