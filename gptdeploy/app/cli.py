@@ -372,8 +372,6 @@ def generate(
     _check_threads(threads)
     _check_device(device)
     runtime = runtime or _default_runtime(source, precision, variant)
-    if huge_pages and runtime != "ort":
-        raise GptDeployError(f"--huge-pages is for the ort runtime (ONNX Runtime on the CPU), not {runtime}")
     start = time.perf_counter()
     runner, tokenizer = open_runner(runtime, source, precision=precision, variant=variant, device=device,
                                     threads=threads, huge_pages=huge_pages, weights="random" if random else None,

@@ -56,6 +56,8 @@ def open_runner(
     cache: where checkpoints are exported for the ONNX runtimes (default: ExportCache()).
     """
     spec = require(name)
+    if huge_pages and name != "ort":
+        raise GptDeployError(f"--huge-pages is for the ort runtime (ONNX Runtime on the CPU), not {name}")
     options = OpenOptions(device=device, variant=None, threads=threads, optimization=optimization,
                           huge_pages=huge_pages)
     cache = cache or ExportCache()
