@@ -36,6 +36,9 @@ SourceArg = Annotated[str, typer.Argument(
 RandomOpt = Annotated[bool, typer.Option("--random", help="Use the preset's architecture with random weights.",
                                          metavar="")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the random weights.")]
+HugePagesOpt = Annotated[bool, typer.Option(
+    "--huge-pages", help="ONNX Runtime on the CPU: move the weights into huge pages once loaded (Linux 6.1+): "
+                         "faster decode steps, slower to start (docs/cpu-speed.md).")]
 
 
 @app.callback()
@@ -676,11 +679,6 @@ MaxBatchOpt = Annotated[int, typer.Option("--max-batch", help="Rows a model inst
                                           "join and leave its batch at every step).")]
 ThreadsOpt = Annotated[int, typer.Option(help="ONNX Runtime intra-op threads per model instance (0: one per core; 1 "
                                          "is quicker on a busy machine).")]
-
-
-HugePagesOpt = Annotated[bool, typer.Option(
-    "--huge-pages", help="ONNX Runtime on the CPU: move the weights into huge pages once loaded (Linux 6.1+): "
-                         "faster decode steps, slower to start (docs/cpu-speed.md).")]
 
 
 @app.command()
