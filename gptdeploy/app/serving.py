@@ -239,11 +239,15 @@ class TritonServer:
         return list(self._tail)
 
     def ready(self) -> bool:
+        """The models are ready (HTTP) and the gRPC and metrics endpoints accept connections too: the server
+        opens them after HTTP's, so an HTTP answer alone does not mean that the metrics URL answers yet."""
         try:
             with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
-                return response.status == 200
+                if response.status != 200:
+                    return False
         except (urllib.error.URLError, OSError):
             return False
+        return all(_listens(_connect_host(self.host), port) for port in (self.ports.grpc, self.ports.metrics))
 
     def wait(self) -> int:
         return self.process.wait()
@@ -303,6 +307,19 @@ def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the parent dies (Linux)."""
     if _PRCTL is not None:
         _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _connect_host(host: str) -> str:
+    """Where to reach a server that listens on HOST from this machine."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _listens(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def _url_host(host: str) -> str:
