@@ -20,7 +20,7 @@ def pytest_runtest_protocol(item, nextitem):
     """At the end of each test file, what is still alive (imports, session fixtures) leaves the garbage
     collector's view (gc.freeze, after a collection): the suite's process holds some 800,000 objects by
     its end, every full collection scanned them all (0.2-0.5 s each), and torch.onnx's export asks for one
-    per graph (ONNXProgram.release): 27-31 CPU-s of the suite went to the collector, 3 with this.
+    per graph (ONNXProgram.release): 27-31 CPU-s of the suite went to the collector, 3-8 with this.
     Objects frozen are still freed when their last reference goes; only a cycle among them would stay."""
     yield
     if nextitem is None or nextitem.module is not item.module:
