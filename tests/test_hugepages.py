@@ -137,9 +137,10 @@ def test_generate_with_huge_pages_generates_the_same_tokens(shakespeare_export_p
 
 
 def _kernel_collapses_now() -> bool:
-    """Whether MADV_COLLAPSE moves a fresh 16 MiB in this process now (it cannot where no huge page is free)."""
+    """Whether MADV_COLLAPSE moves a fresh 64 MiB in this process now (it cannot where no huge page is free).
+    64 MiB: above malloc's largest mmap threshold (32 MiB), so the block is a new mapping, not reused heap."""
     kept = []
-    _, moved = collapse_new_memory(lambda: kept.append(np.full(16 << 20, 1, dtype=np.uint8)))
+    _, moved = collapse_new_memory(lambda: kept.append(np.full(64 << 20, 1, dtype=np.uint8)))
     return moved > 0
 
 
