@@ -323,8 +323,7 @@ def _listens(host: str, port: int) -> bool:
 
 
 def _url_host(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
+    host = _connect_host(host)
     return f"[{host}]" if ":" in host else host
 
 
