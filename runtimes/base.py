@@ -38,6 +38,12 @@ class OpenOptions:
     optimization: str = "all"  # ONNX Runtime's graph optimization level
     huge_pages: bool = False  # ONNX Runtime on CPU: the weights moved into huge pages once loaded (slower to open)
 
+    def check_huge_pages(self, runtime: str) -> None:
+        """Huge pages move ONNX Runtime's CPU buffers (gptdeploy.runtimes.hugepages): refused for another runtime,
+        where they would do nothing."""
+        if self.huge_pages and runtime != "ort":
+            raise GptDeployError(f"--huge-pages is for the ort runtime (ONNX Runtime on the CPU), not {runtime}")
+
     def cuda_index(self, runtime: str) -> int:
         """N of "cuda:N" (0 for "cuda" or no device); GptDeployError for anything else."""
         device = self.device or "cuda:0"

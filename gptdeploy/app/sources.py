@@ -56,10 +56,9 @@ def open_runner(
     cache: where checkpoints are exported for the ONNX runtimes (default: ExportCache()).
     """
     spec = require(name)
-    if huge_pages and name != "ort":
-        raise GptDeployError(f"--huge-pages is for the ort runtime (ONNX Runtime on the CPU), not {name}")
     options = OpenOptions(device=device, variant=None, threads=threads, optimization=optimization,
                           huge_pages=huge_pages)
+    options.check_huge_pages(name)
     cache = cache or ExportCache()
     if is_export_folder(Path(source)):
         return _open_export_folder(spec, read_export(source), precision, variant, options, cache, progress)

@@ -36,6 +36,7 @@ from gptdeploy.export_folder import (
     present_names,
 )
 from gptdeploy.files import replace_folder, staging_folder
+from gptdeploy.runtimes.base import OpenOptions
 
 RUNTIMES = ("ort", "ort-cuda", "trt")  # trt here: ONNX Runtime's TensorRT accelerator in Triton
 STEP_SUFFIX = "_step"
@@ -65,8 +66,7 @@ class RepoSettings:
             raise GptDeployError(f"--max-batch must be from 1 to 256, got {self.max_batch}")
         if not 0 <= self.threads <= 256:
             raise GptDeployError(f"--threads must be from 0 to 256, got {self.threads}")
-        if self.huge_pages and self.runtime != "ort":
-            raise GptDeployError(f"--huge-pages is for the ort runtime (ONNX Runtime on the CPU), not {self.runtime}")
+        OpenOptions(huge_pages=self.huge_pages).check_huge_pages(self.runtime)
 
     @property
     def gpu(self) -> bool:
