@@ -95,7 +95,7 @@ class OrtTrtRunner(OrtCudaRunner):
             raise GptDeployError(f"ONNX Runtime's TensorRT engine cache {self.cache_dir} is not writable")
         super().__init__(folder, session_config, device_id)  # the decode session, on the with-past graph
         self.prefill_session = ort.InferenceSession(
-            str(folder.graph_path(ENGINE_GRAPHS[PREFILL])), session_config.session_options(),
+            str(folder.graph_path(ENGINE_GRAPHS[PREFILL])), self.session_config.session_options(),
             providers=self._providers(PREFILL),
         )
         self._check_provider(self.prefill_session)

@@ -226,6 +226,12 @@ def test_an_export_cache_that_is_a_file(tmp_path):
     assert_refused(result, "cannot use the export cache")
 
 
+def test_a_bad_spinning_setting(tiny_export_path):
+    env = {**os.environ, "GPTDEPLOY_ORT_SPINNING": "off"}
+    result = gptdeploy("generate", tiny_export_path, "--prompt", "Hi", "--max-new-tokens", "2", env=env)
+    assert_refused(result, "GPTDEPLOY_ORT_SPINNING must be 0")
+
+
 def test_a_read_only_export_cache(tmp_path):
     env = {**os.environ, "GPTDEPLOY_CACHE": str(unwritable(tmp_path) / "cache")}
     result = gptdeploy("generate", "tiny", "--random", "--runtime", "ort", "--prompt", "Hi", env=env)

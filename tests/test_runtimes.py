@@ -137,6 +137,38 @@ def test_session_options_are_applied(lively_export_path):
         OrtRunner(lively_export_path, SessionConfig(optimization_level="max"))
 
 
+def _spinning_entries(runner) -> set[str | None]:
+    """What ONNX Runtime's own options of each of the runner's sessions say of spinning (None: not set)."""
+    found = set()
+    for session in [runner.session, *runner._sessions.values()]:
+        options = session.get_session_options()
+        for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+            try:
+                found.add(options.get_session_config_entry(key))
+            except RuntimeError:  # "does not have configuration with key": ONNX Runtime's default
+                found.add(None)
+    return found
+
+
+def test_spinning_follows_the_environment_unless_the_config_says(lively_export_path, monkeypatch):
+    """GPTDEPLOY_ORT_SPINNING reaches every session (0 or 1; unset: ONNX Runtime's default, left alone);
+    SessionConfig(spinning=...) wins over it; a bad value is one clear error."""
+    monkeypatch.delenv("GPTDEPLOY_ORT_SPINNING", raising=False)
+    default = OrtRunner(lively_export_path)
+    assert _spinning_entries(default) == {None} and "spinning" not in default.describe()
+    monkeypatch.setenv("GPTDEPLOY_ORT_SPINNING", "0")
+    off = OrtRunner(lively_export_path)
+    assert _spinning_entries(off) == {"0"} and "optimization all, no spinning" in off.describe()
+    assert _spinning_entries(OrtRunner(lively_export_path, SessionConfig(spinning=True))) == {"1"}
+    tok = BPETokenizer()
+    assert generate(off, tok, PROMPTS, GREEDY).new_ids == generate(default, tok, PROMPTS, GREEDY).new_ids
+    monkeypatch.setenv("GPTDEPLOY_ORT_SPINNING", "1")
+    assert _spinning_entries(OrtRunner(lively_export_path)) == {"1"}
+    monkeypatch.setenv("GPTDEPLOY_ORT_SPINNING", "yes")
+    with pytest.raises(GptDeployError, match="GPTDEPLOY_ORT_SPINNING must be 0 .* or 1 .*, not 'yes'"):
+        OrtRunner(lively_export_path)
+
+
 def test_a_graph_off_the_contract_is_refused(lively_export_path, tmp_path):
     import shutil
 
