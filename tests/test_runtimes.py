@@ -140,7 +140,7 @@ def test_session_options_are_applied(lively_export_path):
 def _spinning_entries(runner) -> set[str | None]:
     """What ONNX Runtime's own options of each of the runner's sessions say of spinning (None: not set)."""
     found = set()
-    for session in [runner.session, *runner._sessions.values()]:
+    for session in runner._sessions.values():  # runner.session is one of them
         options = session.get_session_options()
         for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
             try:
