@@ -183,7 +183,7 @@ class OrtRunner(Runner):
             entry = self.folder.variant(variant)
             self.graph = self.folder.path / entry["file"]
             self.precision, self.kv_cache = entry["precision"], entry["kv_cache"]
-        # what the environment says is read once, here: every session of the runner is made alike
+        # a setting the environment gives is fixed here, when the runner is made: its sessions and describe() agree
         self.session_config = replace(session_config, spinning=session_config.resolved_spinning())
         self.device_id = device_id
         self.device = "cpu" if self.device_type == "cpu" else f"{self.device_type}:{device_id}"
